@@ -1,0 +1,59 @@
+# Leasehold — run `make help` for the targets.
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+BIN         := $(CURDIR)/bin
+BUF         := tools/buf/node_modules/.bin/buf
+PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
+GO_TEST     ?= go test -race -count=1
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help tools build generate generate-check lint breaking test test-go bench demo clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+tools: $(PROTO_TOOLS) $(BUF) ## install pinned tools into ./bin and tools/buf
+
+$(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
+	cd tools/proto && GOBIN=$(BIN) go install tool
+	@touch $(PROTO_TOOLS)
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(BUF)
+
+build: ## build bin/leasehold
+	go build -o $(BIN)/leasehold ./cmd/leasehold
+
+generate: tools ## regenerate Go code from proto/ with buf
+	$(BUF) generate
+
+generate-check: generate ## fail if generated code is not what is committed
+	@git diff --exit-code -- proto || { echo "generated code is stale: run 'make generate' and commit"; exit 1; }
+	@if [ -n "$$(git status --porcelain -- proto | grep '^??' || true)" ]; then \
+		git status --porcelain -- proto; echo "generated files are not committed"; exit 1; fi
+
+lint: tools ## gofmt, go vet, buf lint, buf breaking
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	go vet ./...
+	$(BUF) lint
+	$(MAKE) --no-print-directory breaking
+
+breaking: tools ## buf breaking against the main branch (when main has proto/)
+	@if git rev-parse -q --verify main >/dev/null && git cat-file -e main:proto 2>/dev/null; then \
+		$(BUF) breaking --against '.git#branch=main'; echo "buf breaking: ok against main"; \
+	else echo "buf breaking: no proto/ on main yet, nothing to compare"; fi
+
+test: tools generate-check lint test-go ## every check and test (what CI runs)
+
+test-go: tools ## go test -race over every package
+	LEASEHOLD_GRPCURL=$(BIN)/grpcurl $(GO_TEST) ./...
+
+bench: ## store and broker benchmarks
+	go test -run '^$$' -bench . -benchmem ./store/... ./server/...
+
+demo: build ## dev broker, an agent acquiring/using/releasing a lease, the audit trail
+	LEASEHOLD=$(BIN)/leasehold scripts/demo.sh
+
+clean: ## remove built binaries and demo state
+	rm -rf $(BIN) .demo

@@ -1,0 +1,130 @@
+// Package backends defines what issues secrets for leases. The broker keeps a
+// credential's secret material encrypted in its store and hands it,
+// decrypted, to the credential's backend for each lease: a static backend
+// returns it as is; a dynamic one (PostgreSQL, OAuth2) uses it to mint a
+// short-lived upstream credential with exactly the requested scopes, which it
+// destroys again on Revoke.
+package backends
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Sentinel errors backends wrap; the server maps them to gRPC codes.
+var (
+	// ErrInvalidConfig: a credential's config or secret is unusable.
+	ErrInvalidConfig = errors.New("invalid credential config")
+	// ErrUnsupportedScope: the backend cannot mint a requested scope.
+	ErrUnsupportedScope = errors.New("unsupported scope")
+	// ErrUpstreamUnavailable: the upstream system could not be reached; retry.
+	ErrUpstreamUnavailable = errors.New("upstream unavailable")
+	// ErrUnknownBackend: no backend is registered under the name.
+	ErrUnknownBackend = errors.New("unknown backend")
+)
+
+// Spec is a credential as a backend sees it.
+type Spec struct {
+	Name   string
+	Config map[string]string
+	// Secret is the decrypted stored material. Backends must not log it, put
+	// it in errors, or keep it beyond the call.
+	Secret map[string][]byte
+}
+
+// IssueRequest asks for a secret for one lease.
+type IssueRequest struct {
+	Spec      Spec
+	LeaseID   string
+	AgentID   string
+	TaskID    string
+	Scopes    []string
+	ExpiresAt time.Time
+}
+
+// Issued is what a backend returns for a lease.
+type Issued struct {
+	// Secret goes to the agent.
+	Secret map[string][]byte
+	// Artifact is the backend's handle on anything it created upstream (a
+	// role name, a token) that Revoke must destroy. The broker stores it
+	// encrypted. Empty when nothing upstream needs cleaning up.
+	Artifact []byte
+	// ExpiresAt, when set and earlier than requested, shortens the lease
+	// (e.g. an upstream token that lives less long).
+	ExpiresAt time.Time
+}
+
+// LeaseRef identifies a lease's upstream artefact for Renew and Revoke.
+type LeaseRef struct {
+	Spec     Spec
+	LeaseID  string
+	Artifact []byte
+}
+
+// Backend issues, renews and revokes secrets for leases. Methods may be
+// called concurrently, and never inside a store transaction.
+type Backend interface {
+	// Validate checks a credential's config and secret when an admin puts it.
+	// It returns an error wrapping ErrInvalidConfig that names the field.
+	Validate(spec Spec) error
+	// Issue produces the secret for a new lease.
+	Issue(ctx context.Context, req IssueRequest) (*Issued, error)
+	// Renew extends the upstream artefact to expiresAt and returns the
+	// expiry it could grant (never later than asked).
+	Renew(ctx context.Context, ref LeaseRef, expiresAt time.Time) (time.Time, error)
+	// Revoke destroys the upstream artefact. It must be idempotent: revoking
+	// something already gone succeeds.
+	Revoke(ctx context.Context, ref LeaseRef) error
+}
+
+// Registry maps backend names to implementations. It is filled once at
+// start-up (in cmd/leasehold) and read-only afterwards.
+type Registry struct {
+	m map[string]Backend
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry { return &Registry{m: map[string]Backend{}} }
+
+// Register adds a backend; it panics on a duplicate name, a programming error.
+func (r *Registry) Register(name string, b Backend) {
+	if _, dup := r.m[name]; dup {
+		panic(fmt.Sprintf("backends: %q registered twice", name))
+	}
+	r.m[name] = b
+}
+
+// Lookup returns the named backend, or an error wrapping ErrUnknownBackend
+// that lists the valid names.
+func (r *Registry) Lookup(name string) (Backend, error) {
+	if b, ok := r.m[name]; ok {
+		return b, nil
+	}
+	return nil, fmt.Errorf("%w %q (valid: %s)", ErrUnknownBackend, name, strings.Join(r.Names(), ", "))
+}
+
+// Names lists the registered names, sorted.
+func (r *Registry) Names() []string {
+	names := make([]string, 0, len(r.m))
+	for n := range r.m {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// SubsetOf reports whether every scope in want is in have.
+func SubsetOf(want, have []string) bool {
+	for _, w := range want {
+		if !slices.Contains(have, w) {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,227 @@
+// Package client is the Go library agents use to lease credentials from a
+// Leasehold broker. It authenticates with the agent's X.509 SVID over mTLS
+// and verifies that the broker is in the same trust domain (or is exactly
+// Config.ServerID).
+//
+//	c, err := client.New(ctx, client.Config{Address: "127.0.0.1:8443", Source: src})
+//	lease, err := c.Acquire(ctx, "crm/salesforce", client.AcquireOptions{
+//		Scopes: []string{"read"}, TaskID: "ticket-4711", Purpose: "sync contacts"})
+//	defer c.Release(ctx, lease.ID)
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/leasehold/leasehold/identity"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+)
+
+// Config says where the broker is and who this agent is.
+type Config struct {
+	// Address of the broker, host:port.
+	Address string
+	// Source supplies this agent's SVID and the bundle to verify the broker.
+	Source identity.Source
+	// ServerID, when set, is the only SPIFFE ID accepted for the broker.
+	// Otherwise any SVID of the agent's own trust domain is accepted.
+	ServerID spiffeid.ID
+	// DialOptions are appended to the client's own.
+	DialOptions []grpc.DialOption
+}
+
+// Dial opens an mTLS gRPC connection to the broker. Admin tools use it with
+// the generated AdminService client.
+func Dial(cfg Config) (*grpc.ClientConn, error) {
+	if cfg.Address == "" {
+		return nil, errors.New("client: Address is required")
+	}
+	if cfg.Source == nil {
+		return nil, errors.New("client: Source is required")
+	}
+	authorizer := tlsconfig.AuthorizeID(cfg.ServerID)
+	if cfg.ServerID.IsZero() {
+		self, err := identity.SelfID(cfg.Source)
+		if err != nil {
+			return nil, fmt.Errorf("client: %w", err)
+		}
+		authorizer = tlsconfig.AuthorizeMemberOf(self.TrustDomain())
+	}
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(identity.ClientCredentials(cfg.Source, authorizer))}, cfg.DialOptions...)
+	conn, err := grpc.NewClient(cfg.Address, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("client: dial %s: %w", cfg.Address, err)
+	}
+	return conn, nil
+}
+
+// Client is an agent's connection to the broker. It is safe for concurrent use.
+type Client struct {
+	conn   *grpc.ClientConn
+	broker leaseholdv1.BrokerServiceClient
+}
+
+// New connects to the broker. The connection is made lazily; the first call
+// reports an unreachable broker.
+func New(ctx context.Context, cfg Config) (*Client, error) {
+	conn, err := Dial(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Client{conn: conn, broker: leaseholdv1.NewBrokerServiceClient(conn)}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// AcquireOptions describe what the lease is for.
+type AcquireOptions struct {
+	// Scopes wanted; at least one, each allowed by a grant.
+	Scopes []string
+	// TTL of the lease; zero takes the broker's default.
+	TTL time.Duration
+	// TaskID names the task the lease is for. Required.
+	TaskID string
+	// Purpose is recorded in the audit trail.
+	Purpose string
+}
+
+// Lease is an acquired credential.
+type Lease struct {
+	ID         string
+	Credential string
+	Scopes     []string
+	TaskID     string
+	ExpiresAt  time.Time
+	// MaxExpiresAt is the furthest renewals can take the lease.
+	MaxExpiresAt time.Time
+	secret       map[string]string
+}
+
+// Secret returns the secret's fields. Use them and let them go; do not log them.
+func (l *Lease) Secret() map[string]string { return maps.Clone(l.secret) }
+
+// Get returns one secret field.
+func (l *Lease) Get(field string) (string, bool) {
+	v, ok := l.secret[field]
+	return v, ok
+}
+
+// Acquire leases a credential for a task.
+func (c *Client) Acquire(ctx context.Context, credential string, opts AcquireOptions) (*Lease, error) {
+	req := &leaseholdv1.AcquireLeaseRequest{
+		Credential: credential, Scopes: opts.Scopes,
+		Task: &leaseholdv1.Task{Id: opts.TaskID, Purpose: opts.Purpose},
+	}
+	if opts.TTL != 0 {
+		req.Ttl = durationpb.New(opts.TTL)
+	}
+	resp, err := c.broker.AcquireLease(ctx, req)
+	if err != nil {
+		return nil, wrap(err)
+	}
+	l := fromProto(resp.GetLease())
+	l.secret = resp.GetSecret()
+	return l, nil
+}
+
+// Renew extends a lease by ttl from now (zero: its original length) and
+// returns the new expiry.
+func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (time.Time, error) {
+	req := &leaseholdv1.RenewLeaseRequest{LeaseId: leaseID}
+	if ttl != 0 {
+		req.Ttl = durationpb.New(ttl)
+	}
+	resp, err := c.broker.RenewLease(ctx, req)
+	if err != nil {
+		return time.Time{}, wrap(err)
+	}
+	return resp.GetLease().GetExpiresAt().AsTime(), nil
+}
+
+// Release ends a lease. Releasing an ended lease succeeds.
+func (c *Client) Release(ctx context.Context, leaseID string) error {
+	_, err := c.broker.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: leaseID})
+	return wrap(err)
+}
+
+// WhoAmI returns the SPIFFE ID the broker sees for this agent.
+func (c *Client) WhoAmI(ctx context.Context) (string, error) {
+	resp, err := c.broker.WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{})
+	if err != nil {
+		return "", wrap(err)
+	}
+	return resp.GetSpiffeId(), nil
+}
+
+func fromProto(l *leaseholdv1.Lease) *Lease {
+	return &Lease{
+		ID: l.GetId(), Credential: l.GetCredential(), Scopes: l.GetScopes(), TaskID: l.GetTask().GetId(),
+		ExpiresAt: l.GetExpiresAt().AsTime(), MaxExpiresAt: l.GetMaxExpiresAt().AsTime(),
+	}
+}
+
+// Errors returned by the client match these with errors.Is.
+var (
+	// ErrDenied: no grant allows it, the agent is revoked, or the lease is
+	// someone else's.
+	ErrDenied = errors.New("leasehold: permission denied")
+	// ErrNotFound: no such credential or lease.
+	ErrNotFound = errors.New("leasehold: not found")
+	// ErrInvalid: the request is malformed; the message names the field.
+	ErrInvalid = errors.New("leasehold: invalid request")
+	// ErrLeaseEnded: the lease has expired or was released or revoked.
+	ErrLeaseEnded = errors.New("leasehold: lease ended")
+	// ErrUnavailable: the broker (or its audit trail) is unavailable; retry.
+	ErrUnavailable = errors.New("leasehold: unavailable")
+	// ErrUnauthenticated: the broker did not accept this agent's identity.
+	ErrUnauthenticated = errors.New("leasehold: unauthenticated")
+)
+
+// Error is a broker error with its gRPC code and message.
+type Error struct {
+	Code    codes.Code
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("leasehold: %s: %s", e.Code, e.Message) }
+
+// Is matches the sentinel errors above.
+func (e *Error) Is(target error) bool {
+	switch target {
+	case ErrDenied:
+		return e.Code == codes.PermissionDenied
+	case ErrNotFound:
+		return e.Code == codes.NotFound
+	case ErrInvalid:
+		return e.Code == codes.InvalidArgument
+	case ErrLeaseEnded:
+		return e.Code == codes.FailedPrecondition
+	case ErrUnavailable:
+		return e.Code == codes.Unavailable
+	case ErrUnauthenticated:
+		return e.Code == codes.Unauthenticated
+	}
+	return false
+}
+
+func wrap(err error) error {
+	if err == nil {
+		return nil
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	return &Error{Code: st.Code(), Message: st.Message()}
+}

@@ -1,0 +1,235 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+)
+
+func parseKV(field string, items []string) (map[string]string, error) {
+	if len(items) == 0 {
+		return nil, nil
+	}
+	m := make(map[string]string, len(items))
+	for _, it := range items {
+		k, v, ok := strings.Cut(it, "=")
+		if !ok || k == "" {
+			return nil, usageErr("%s wants key=value, got %q", field, strings.SplitN(it, "=", 2)[0])
+		}
+		m[k] = v
+	}
+	return m, nil
+}
+
+func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet(verb, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var sets, setFiles, configs multiFlag
+	fs.Var(&sets, "set", "secret field key=value (repeatable; prefer --set-file)")
+	fs.Var(&setFiles, "set-file", "secret field key=PATH, value read from the file (repeatable)")
+	fs.Var(&configs, "config", "backend config key=value (repeatable)")
+	backend := fs.String("backend", "", "backend name (default static)")
+	description := fs.String("description", "", "description")
+	credential := fs.String("credential", "", "credential name")
+	spiffeID := fs.String("spiffe-id", "", "exact SPIFFE ID")
+	prefix := fs.String("spiffe-id-prefix", "", "SPIFFE ID path prefix")
+	scopes := fs.String("scopes", "", "comma-separated scopes")
+	maxTTL := fs.Duration("max-ttl", 0, "grant: longest lease or renewal step")
+	maxLifetime := fs.Duration("max-lifetime", 0, "grant: longest total lease life")
+	reason := fs.String("reason", "", "reason, recorded in the audit trail")
+	revoked := fs.Bool("revoked", false, "only revoked agents")
+	agent := fs.String("agent", "", "agent SPIFFE ID")
+	task := fs.String("task", "", "task id")
+	active := fs.Bool("active", false, "only active leases")
+	decision := fs.String("decision", "", "allow or deny")
+	since := fs.Duration("since", 0, "only records newer than this")
+	limit := fs.Int("limit", 50, "page size")
+	pageToken := fs.String("page-token", "", "page token from a previous call")
+	format := fs.String("format", "table", "audit output: table or json")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	one := func() (string, error) {
+		if len(pos) != 1 {
+			return "", usageErr("%s takes exactly one argument", verb)
+		}
+		return pos[0], nil
+	}
+	dur := func(d time.Duration) *durationpb.Duration {
+		if d == 0 {
+			return nil
+		}
+		return durationpb.New(d)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), conn.timeout)
+	defer cancel()
+	cc, closeConn, err := conn.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer closeConn()
+	admin := leaseholdv1.NewAdminServiceClient(cc)
+	switch verb {
+	case "credential put":
+		name, err := one()
+		if err != nil {
+			return err
+		}
+		secret, err := parseKV("--set", sets)
+		if err != nil {
+			return err
+		}
+		files, err := parseKV("--set-file", setFiles)
+		if err != nil {
+			return err
+		}
+		for k, path := range files {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return fmt.Errorf("--set-file %s: %w", k, err)
+			}
+			if secret == nil {
+				secret = map[string]string{}
+			}
+			secret[k] = strings.TrimRight(string(data), "\r\n")
+		}
+		cfg, err := parseKV("--config", configs)
+		if err != nil {
+			return err
+		}
+		r, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: name, Backend: *backend, Description: *description, Config: cfg, Secret: secret})
+		return emit(stdout, r, err)
+	case "credential get":
+		name, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: name})
+		return emit(stdout, r, err)
+	case "credential list":
+		r, err := admin.ListCredentials(ctx, &leaseholdv1.ListCredentialsRequest{PageSize: int32(*limit), PageToken: *pageToken})
+		return emit(stdout, r, err)
+	case "credential delete":
+		name, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.DeleteCredential(ctx, &leaseholdv1.DeleteCredentialRequest{Name: name})
+		return emit(stdout, r, err)
+	case "grant create":
+		g := &leaseholdv1.Grant{Credential: *credential, Scopes: splitList(*scopes), MaxTtl: dur(*maxTTL),
+			MaxLifetime: dur(*maxLifetime), Description: *description}
+		switch {
+		case *spiffeID != "" && *prefix != "":
+			return usageErr("use --spiffe-id or --spiffe-id-prefix, not both")
+		case *spiffeID != "":
+			g.Subject = &leaseholdv1.Grant_SpiffeId{SpiffeId: *spiffeID}
+		case *prefix != "":
+			g.Subject = &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: *prefix}
+		}
+		r, err := admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: g})
+		return emit(stdout, r, err)
+	case "grant list":
+		r, err := admin.ListGrants(ctx, &leaseholdv1.ListGrantsRequest{Credential: *credential, PageSize: int32(*limit), PageToken: *pageToken})
+		return emit(stdout, r, err)
+	case "grant delete":
+		id, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.DeleteGrant(ctx, &leaseholdv1.DeleteGrantRequest{Id: id})
+		return emit(stdout, r, err)
+	case "agent revoke":
+		id, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: id, Reason: *reason})
+		return emit(stdout, r, err)
+	case "agent reinstate":
+		id, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.ReinstateAgent(ctx, &leaseholdv1.ReinstateAgentRequest{SpiffeId: id})
+		return emit(stdout, r, err)
+	case "agent list":
+		r, err := admin.ListAgents(ctx, &leaseholdv1.ListAgentsRequest{RevokedOnly: *revoked, PageSize: int32(*limit), PageToken: *pageToken})
+		return emit(stdout, r, err)
+	case "lease list":
+		r, err := admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: *agent, TaskId: *task, ActiveOnly: *active, PageSize: int32(*limit), PageToken: *pageToken})
+		return emit(stdout, r, err)
+	case "lease revoke":
+		id, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.RevokeLease(ctx, &leaseholdv1.RevokeLeaseRequest{LeaseId: id, Reason: *reason})
+		return emit(stdout, r, err)
+	case "audit query":
+		q := &leaseholdv1.QueryAuditRequest{AgentId: *agent, Credential: *credential, TaskId: *task, PageSize: int32(*limit), PageToken: *pageToken}
+		switch *decision {
+		case "":
+		case "allow":
+			q.Decision = leaseholdv1.Decision_DECISION_ALLOW
+		case "deny":
+			q.Decision = leaseholdv1.Decision_DECISION_DENY
+		default:
+			return usageErr("--decision must be allow or deny")
+		}
+		if *since > 0 {
+			q.StartTime = timestamppb.New(time.Now().Add(-*since))
+		}
+		r, err := admin.QueryAudit(ctx, q)
+		if err != nil || *format == "json" {
+			return emit(stdout, r, err)
+		}
+		printAuditTable(stdout, r)
+		return nil
+	}
+	return usageErr("unknown command %q", verb)
+}
+
+func printAuditTable(w io.Writer, r *leaseholdv1.QueryAuditResponse) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tTIME\tEVENT\tDECISION\tACTOR\tAGENT\tCREDENTIAL\tTASK\tLEASE\tREASON")
+	for _, rec := range r.GetRecords() {
+		event := strings.ToLower(strings.TrimPrefix(rec.GetEvent().String(), "AUDIT_EVENT_"))
+		dec := strings.ToLower(strings.TrimPrefix(rec.GetDecision().String(), "DECISION_"))
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", rec.GetSequence(),
+			rec.GetTime().AsTime().Local().Format("15:04:05.000"), event, dec, dash(rec.GetActor()), dash(rec.GetAgentId()),
+			dash(rec.GetCredential()), dash(rec.GetTaskId()), dash(rec.GetLeaseId()), dash(rec.GetReason()))
+	}
+	tw.Flush()
+	if r.GetNextPageToken() != "" {
+		fmt.Fprintf(w, "(more: --page-token %s)\n", r.GetNextPageToken())
+	}
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// emit prints a response as JSON, or the RPC error as "Code: message".
+func emit(w io.Writer, m proto.Message, err error) error {
+	if err != nil {
+		return rpcErr(err)
+	}
+	return printProto(w, m)
+}

@@ -1,0 +1,205 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the broker's configuration file (YAML). Unknown keys are
+// rejected. Every setting can be overridden by an environment variable and
+// a flag (flag > env > file); see settings below and docs/configuration.md.
+type Config struct {
+	// Listen is the host:port of the gRPC listener.
+	Listen string `yaml:"listen"`
+	// TrustDomain whose SVIDs may call the broker, e.g. "example.org".
+	TrustDomain string `yaml:"trust_domain"`
+	// Admins are the SPIFFE IDs allowed to call AdminService.
+	Admins   []string       `yaml:"admins"`
+	Identity IdentityConfig `yaml:"identity"`
+	Store    StoreConfig    `yaml:"store"`
+	// KEKFile holds the key-encryption key (base64, mode 0600). Keep it out
+	// of the store's directory backups.
+	KEKFile string      `yaml:"kek_file"`
+	Leases  LeaseConfig `yaml:"leases"`
+	Log     LogConfig   `yaml:"log"`
+}
+
+// IdentityConfig says where the broker's own SVID comes from: PEM files
+// (all three set) or the SPIFFE Workload API.
+type IdentityConfig struct {
+	// WorkloadAPISocket, e.g. "unix:///run/spire/agent.sock". Empty with no
+	// files set means the SPIFFE_ENDPOINT_SOCKET environment variable.
+	WorkloadAPISocket string `yaml:"workload_api_socket"`
+	CertFile          string `yaml:"cert_file"`
+	KeyFile           string `yaml:"key_file"`
+	BundleFile        string `yaml:"bundle_file"`
+}
+
+// StoreConfig picks the store engine.
+type StoreConfig struct {
+	// Engine is "bolt" (the embedded default).
+	Engine string `yaml:"engine"`
+	// Path of the bolt database file.
+	Path string `yaml:"path"`
+}
+
+// LeaseConfig bounds leases.
+type LeaseConfig struct {
+	DefaultTTL     time.Duration `yaml:"default_ttl"`
+	MaxTTL         time.Duration `yaml:"max_ttl"`
+	MaxLifetime    time.Duration `yaml:"max_lifetime"`
+	ReaperInterval time.Duration `yaml:"reaper_interval"`
+}
+
+// LogConfig shapes the log on stderr.
+type LogConfig struct {
+	// Level: debug, info, warn, error.
+	Level string `yaml:"level"`
+	// Format: json or text.
+	Format string `yaml:"format"`
+}
+
+func defaultConfig() Config {
+	return Config{
+		Listen: "127.0.0.1:8443",
+		Store:  StoreConfig{Engine: "bolt", Path: "/var/lib/leasehold/leasehold.db"},
+		Log:    LogConfig{Level: "info", Format: "json"},
+	}
+}
+
+// Validate reports every problem at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Listen == "" {
+		errs = append(errs, errors.New("listen is required"))
+	}
+	if c.TrustDomain == "" {
+		errs = append(errs, errors.New("trust_domain is required"))
+	}
+	if len(c.Admins) == 0 {
+		errs = append(errs, errors.New("admins: at least one admin SPIFFE ID is required"))
+	}
+	files := 0
+	for _, f := range []string{c.Identity.CertFile, c.Identity.KeyFile, c.Identity.BundleFile} {
+		if f != "" {
+			files++
+		}
+	}
+	if files != 0 && files != 3 {
+		errs = append(errs, errors.New("identity: cert_file, key_file and bundle_file go together"))
+	}
+	if files == 3 && c.Identity.WorkloadAPISocket != "" {
+		errs = append(errs, errors.New("identity: use either the files or workload_api_socket, not both"))
+	}
+	if c.KEKFile == "" {
+		errs = append(errs, errors.New("kek_file is required"))
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log.level %q: want debug, info, warn or error", c.Log.Level))
+	}
+	switch c.Log.Format {
+	case "json", "text":
+	default:
+		errs = append(errs, fmt.Errorf("log.format %q: want json or text", c.Log.Format))
+	}
+	return errors.Join(errs...)
+}
+
+// loadConfigFile decodes a YAML file over defaults, rejecting unknown keys.
+func loadConfigFile(path string, into *Config) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(into); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	return nil
+}
+
+// setting is one overridable config key.
+type setting struct {
+	flag, env, usage string
+	set              func(*Config, string) error
+}
+
+func str(p func(*Config) *string) func(*Config, string) error {
+	return func(c *Config, v string) error { *p(c) = v; return nil }
+}
+
+func dur(p func(*Config) *time.Duration) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return err
+		}
+		*p(c) = d
+		return nil
+	}
+}
+
+var settings = []setting{
+	{"listen", "LEASEHOLD_LISTEN", "host:port to serve gRPC on", str(func(c *Config) *string { return &c.Listen })},
+	{"trust-domain", "LEASEHOLD_TRUST_DOMAIN", "trust domain whose SVIDs may call", str(func(c *Config) *string { return &c.TrustDomain })},
+	{"admins", "LEASEHOLD_ADMINS", "comma-separated admin SPIFFE IDs", func(c *Config, v string) error {
+		c.Admins = nil
+		for _, a := range strings.Split(v, ",") {
+			if a = strings.TrimSpace(a); a != "" {
+				c.Admins = append(c.Admins, a)
+			}
+		}
+		return nil
+	}},
+	{"workload-api-socket", "LEASEHOLD_WORKLOAD_API_SOCKET", "SPIFFE Workload API socket (unix:///...)", str(func(c *Config) *string { return &c.Identity.WorkloadAPISocket })},
+	{"cert-file", "LEASEHOLD_CERT_FILE", "broker SVID certificate chain (PEM)", str(func(c *Config) *string { return &c.Identity.CertFile })},
+	{"key-file", "LEASEHOLD_KEY_FILE", "broker SVID private key (PEM)", str(func(c *Config) *string { return &c.Identity.KeyFile })},
+	{"bundle-file", "LEASEHOLD_BUNDLE_FILE", "trust bundle (PEM)", str(func(c *Config) *string { return &c.Identity.BundleFile })},
+	{"store-engine", "LEASEHOLD_STORE_ENGINE", "store engine (bolt)", str(func(c *Config) *string { return &c.Store.Engine })},
+	{"store-path", "LEASEHOLD_STORE_PATH", "bolt database file", str(func(c *Config) *string { return &c.Store.Path })},
+	{"kek-file", "LEASEHOLD_KEK_FILE", "key-encryption key file", str(func(c *Config) *string { return &c.KEKFile })},
+	{"default-ttl", "LEASEHOLD_DEFAULT_TTL", "lease length when none is asked for", dur(func(c *Config) *time.Duration { return &c.Leases.DefaultTTL })},
+	{"max-ttl", "LEASEHOLD_MAX_TTL", "longest lease anyone may ask for", dur(func(c *Config) *time.Duration { return &c.Leases.MaxTTL })},
+	{"max-lifetime", "LEASEHOLD_MAX_LIFETIME", "longest grant max_lifetime", dur(func(c *Config) *time.Duration { return &c.Leases.MaxLifetime })},
+	{"reaper-interval", "LEASEHOLD_REAPER_INTERVAL", "how often expired leases are ended", dur(func(c *Config) *time.Duration { return &c.Leases.ReaperInterval })},
+	{"log-level", "LEASEHOLD_LOG_LEVEL", "debug, info, warn or error", str(func(c *Config) *string { return &c.Log.Level })},
+	{"log-format", "LEASEHOLD_LOG_FORMAT", "json or text", str(func(c *Config) *string { return &c.Log.Format })},
+}
+
+// registerSettings adds one string flag per setting to fs.
+func registerSettings(fs *flag.FlagSet) map[string]*string {
+	vals := make(map[string]*string, len(settings))
+	for _, s := range settings {
+		vals[s.flag] = fs.String(s.flag, "", s.usage+" (env "+s.env+")")
+	}
+	return vals
+}
+
+// applyOverrides applies env, then flags that were set, over cfg.
+func applyOverrides(cfg *Config, fs *flag.FlagSet, vals map[string]*string, getenv func(string) string) error {
+	setFlags := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { setFlags[f.Name] = true })
+	for _, s := range settings {
+		if v := getenv(s.env); v != "" {
+			if err := s.set(cfg, v); err != nil {
+				return fmt.Errorf("%s: %w", s.env, err)
+			}
+		}
+		if setFlags[s.flag] {
+			if err := s.set(cfg, *vals[s.flag]); err != nil {
+				return fmt.Errorf("--%s: %w", s.flag, err)
+			}
+		}
+	}
+	return nil
+}

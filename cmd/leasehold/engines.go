@@ -1,0 +1,33 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/static"
+	"github.com/leasehold/leasehold/store"
+	"github.com/leasehold/leasehold/store/bolt"
+)
+
+// This file is the one place that chooses concrete store engines and
+// backends; server/ only sees their interfaces.
+
+// storeEngines lists the store engines by config name.
+var storeEngines = map[string]func(StoreConfig) (store.Store, error){
+	"bolt": func(c StoreConfig) (store.Store, error) { return bolt.Open(bolt.Config{Path: c.Path}) },
+}
+
+func openStore(c StoreConfig) (store.Store, error) {
+	open, ok := storeEngines[c.Engine]
+	if !ok {
+		return nil, fmt.Errorf("store.engine %q is unknown (valid: bolt)", c.Engine)
+	}
+	return open(c)
+}
+
+// newBackends registers every backend this build serves.
+func newBackends() *backends.Registry {
+	r := backends.NewRegistry()
+	r.Register(static.Name, static.Backend{})
+	return r
+}

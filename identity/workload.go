@@ -1,0 +1,25 @@
+package identity
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+)
+
+// NewWorkloadSource connects to the SPIFFE Workload API (a SPIRE agent, for
+// example) and keeps the SVID and bundles it streams. addr is a
+// "unix:///path" socket address; empty means the SPIFFE_ENDPOINT_SOCKET
+// environment variable. It returns once the first SVID has arrived or ctx
+// ends.
+func NewWorkloadSource(ctx context.Context, addr string) (Source, error) {
+	var opts []workloadapi.X509SourceOption
+	if addr != "" {
+		opts = append(opts, workloadapi.WithClientOptions(workloadapi.WithAddr(addr)))
+	}
+	src, err := workloadapi.NewX509Source(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("workload API: %w", err)
+	}
+	return src, nil
+}

@@ -1,0 +1,625 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/leasehold/leasehold/backends"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/store"
+)
+
+const (
+	defaultGrantMaxTTL      = 15 * time.Minute
+	defaultGrantMaxLifetime = time.Hour
+)
+
+type adminService struct {
+	leaseholdv1.UnimplementedAdminServiceServer
+	s *Server
+}
+
+// ---- credentials ----
+
+func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCredentialRequest) (*leaseholdv1.PutCredentialResponse, error) {
+	s := a.s
+	name := req.GetName()
+	if err := validCredentialName("name", name); err != nil {
+		return nil, err
+	}
+	backendName := req.GetBackend()
+	if backendName == "" {
+		backendName = "static"
+	}
+	backend, err := s.backends.Lookup(backendName)
+	if err != nil {
+		return nil, errInvalid("backend", "%q is not a backend of this broker (valid: %v)", truncate(backendName, 64), s.backends.Names())
+	}
+	if err := validText("description", req.GetDescription()); err != nil {
+		return nil, err
+	}
+	if err := validFields("config", req.GetConfig(), maxConfigFields, maxTextLen); err != nil {
+		return nil, err
+	}
+	if err := validFields("secret", req.GetSecret(), maxSecretFields, maxSecretValueLen); err != nil {
+		return nil, err
+	}
+
+	// Read what exists, validate the result with the backend, then write.
+	var existing *store.Credential
+	var current map[string][]byte
+	err = s.store.View(ctx, func(tx store.ReadTx) error {
+		c, err := tx.GetCredential(name)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		existing = c
+		if len(req.GetSecret()) == 0 {
+			v, err := tx.GetCredentialVersion(c.Name, c.CurrentVersion)
+			if err != nil {
+				return err
+			}
+			current, err = s.openSecret(c, v)
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer clearSecret(current)
+	if existing == nil && len(req.GetSecret()) == 0 {
+		return nil, errInvalid("secret", "is required for a new credential")
+	}
+	if existing != nil && existing.Backend != backendName {
+		return nil, errPrecondition("backend: credential %q uses %q; delete it to change to %q", name, existing.Backend, backendName)
+	}
+	spec := backends.Spec{Name: name, Config: req.GetConfig(), Secret: current}
+	if len(req.GetSecret()) > 0 {
+		spec.Secret = make(map[string][]byte, len(req.GetSecret()))
+		for k, v := range req.GetSecret() {
+			spec.Secret[k] = []byte(v)
+		}
+		defer clearSecret(spec.Secret)
+	}
+	if err := backend.Validate(spec); err != nil {
+		return nil, err
+	}
+
+	now := s.now()
+	var out *store.Credential
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		c, err := tx.GetCredential(name)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			if len(req.GetSecret()) == 0 {
+				return errInvalid("secret", "is required for a new credential")
+			}
+			c = &store.Credential{Name: name, Backend: backendName, CreatedAt: now}
+			if c.WrappedKey, err = s.keyring.NewDataKey(credentialAAD(name)); err != nil {
+				return err
+			}
+		case err != nil:
+			return err
+		}
+		c.Description, c.Config, c.UpdatedAt = req.GetDescription(), req.GetConfig(), now
+		reason := "metadata updated"
+		if len(req.GetSecret()) > 0 {
+			plain, err := json.Marshal(req.GetSecret())
+			if err != nil {
+				return err
+			}
+			version := c.CurrentVersion + 1
+			sealed, err := s.keyring.Seal(c.WrappedKey, credentialAAD(name), plain, versionAAD(name, version))
+			clear(plain)
+			if err != nil {
+				return err
+			}
+			if err := tx.PutCredentialVersion(&store.CredentialVersion{Credential: name, Version: version, Sealed: sealed, CreatedAt: now}); err != nil {
+				return err
+			}
+			c.CurrentVersion = version
+			c.SecretKeys = slices.Sorted(maps.Keys(req.GetSecret()))
+			reason = "version " + strconv.FormatUint(version, 10)
+		}
+		if err := tx.PutCredential(c); err != nil {
+			return err
+		}
+		out = c
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventCredentialPut, Credential: name, Reason: reason})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	return &leaseholdv1.PutCredentialResponse{Credential: credentialToProto(out)}, nil
+}
+
+func (a *adminService) GetCredential(ctx context.Context, req *leaseholdv1.GetCredentialRequest) (*leaseholdv1.GetCredentialResponse, error) {
+	if err := validCredentialName("name", req.GetName()); err != nil {
+		return nil, err
+	}
+	var c *store.Credential
+	err := a.s.store.View(ctx, func(tx store.ReadTx) error {
+		var err error
+		c, err = tx.GetCredential(req.GetName())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &leaseholdv1.GetCredentialResponse{Credential: credentialToProto(c)}, nil
+}
+
+func (a *adminService) ListCredentials(ctx context.Context, req *leaseholdv1.ListCredentialsRequest) (*leaseholdv1.ListCredentialsResponse, error) {
+	size, err := validPageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	after, err := parsePageToken("page_token", "credentials", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	var list []*store.Credential
+	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
+		list, err = tx.ListCredentials(after, size+1)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	out := &leaseholdv1.ListCredentialsResponse{}
+	list, out.NextPageToken = page(list, size, "credentials", func(c *store.Credential) string { return c.Name })
+	for _, c := range list {
+		out.Credentials = append(out.Credentials, credentialToProto(c))
+	}
+	return out, nil
+}
+
+// page trims a list fetched with limit size+1 and makes the next page token.
+func page[T any](list []T, size int, kind string, key func(T) string) ([]T, string) {
+	if len(list) <= size {
+		return list, ""
+	}
+	list = list[:size]
+	return list, pageToken(kind, key(list[size-1]))
+}
+
+func (a *adminService) DeleteCredential(ctx context.Context, req *leaseholdv1.DeleteCredentialRequest) (*leaseholdv1.DeleteCredentialResponse, error) {
+	s := a.s
+	name := req.GetName()
+	if err := validCredentialName("name", name); err != nil {
+		return nil, err
+	}
+	now := s.now()
+	var ended []*store.Lease
+	out := &leaseholdv1.DeleteCredentialResponse{}
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		if _, err := tx.GetCredential(name); err != nil {
+			return err
+		}
+		var err error
+		if ended, err = endActive(ctx, tx, store.LeaseFilter{Credential: name}, "credential deleted", now); err != nil {
+			return err
+		}
+		grants, err := tx.ListGrants(name, "", 0)
+		if err != nil {
+			return err
+		}
+		for _, g := range grants {
+			if err := tx.DeleteGrant(g.ID); err != nil {
+				return err
+			}
+			if err := appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventGrantDelete, GrantID: g.ID, Credential: name, Reason: "credential deleted"}); err != nil {
+				return err
+			}
+		}
+		if err := tx.DeleteCredential(name); err != nil {
+			return err
+		}
+		out.LeasesRevoked, out.GrantsDeleted = int32(len(ended)), int32(len(grants))
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventCredentialDelete, Credential: name,
+			Reason: fmt.Sprintf("%d leases revoked, %d grants deleted", len(ended), len(grants))})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	s.revokeUpstream(ctx, ended, backends.Spec{})
+	return out, nil
+}
+
+// ---- grants ----
+
+func (a *adminService) CreateGrant(ctx context.Context, req *leaseholdv1.CreateGrantRequest) (*leaseholdv1.CreateGrantResponse, error) {
+	s := a.s
+	g := req.GetGrant()
+	if g == nil {
+		return nil, errInvalid("grant", "is required")
+	}
+	if g.GetId() != "" || g.GetCreatedAt() != nil || g.GetCreatedBy() != "" {
+		return nil, errInvalid("grant.id", "id, created_at and created_by are assigned by the broker; leave them empty")
+	}
+	rec := &store.Grant{Credential: g.GetCredential(), Scopes: g.GetScopes(), Description: g.GetDescription()}
+	switch sub := g.GetSubject().(type) {
+	case *leaseholdv1.Grant_SpiffeId:
+		id, err := validSpiffeID("grant.spiffe_id", sub.SpiffeId, s.cfg.TrustDomain)
+		if err != nil {
+			return nil, err
+		}
+		rec.SpiffeID = id.String()
+	case *leaseholdv1.Grant_SpiffeIdPrefix:
+		id, err := validSpiffeID("grant.spiffe_id_prefix", sub.SpiffeIdPrefix, s.cfg.TrustDomain)
+		if err != nil {
+			return nil, err
+		}
+		rec.SpiffeIDPrefix = id.String()
+	default:
+		return nil, errInvalid("grant.spiffe_id", "one of spiffe_id or spiffe_id_prefix is required")
+	}
+	if err := validCredentialName("grant.credential", rec.Credential); err != nil {
+		return nil, err
+	}
+	if err := validScopes("grant.scopes", rec.Scopes, true); err != nil {
+		return nil, err
+	}
+	if err := validText("grant.description", rec.Description); err != nil {
+		return nil, err
+	}
+	var err error
+	if rec.MaxTTL, err = validDuration("grant.max_ttl", g.GetMaxTtl(), s.cfg.MaxTTL); err != nil {
+		return nil, err
+	}
+	if rec.MaxLifetime, err = validDuration("grant.max_lifetime", g.GetMaxLifetime(), s.cfg.MaxLifetime); err != nil {
+		return nil, err
+	}
+	if rec.MaxTTL == 0 {
+		rec.MaxTTL = min(defaultGrantMaxTTL, s.cfg.MaxTTL)
+	}
+	if rec.MaxLifetime == 0 {
+		rec.MaxLifetime = max(min(defaultGrantMaxLifetime, s.cfg.MaxLifetime), rec.MaxTTL)
+	}
+	if rec.MaxLifetime < rec.MaxTTL {
+		return nil, errInvalid("grant.max_lifetime", "%v is shorter than max_ttl %v", rec.MaxLifetime, rec.MaxTTL)
+	}
+	rec.ID, rec.CreatedAt, rec.CreatedBy = newID("gr_"), s.now(), callerFrom(ctx).String()
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		if _, err := tx.GetCredential(rec.Credential); err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				return errNotFound("grant.credential: credential %q not found", rec.Credential)
+			}
+			return err
+		}
+		if err := tx.PutGrant(rec); err != nil {
+			return err
+		}
+		subject := rec.SpiffeID
+		if subject == "" {
+			subject = rec.SpiffeIDPrefix + "/*"
+		}
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventGrantCreate, GrantID: rec.ID, Credential: rec.Credential,
+			Scopes: rec.Scopes, Reason: fmt.Sprintf("for %s, max_ttl %v, max_lifetime %v", subject, rec.MaxTTL, rec.MaxLifetime)})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	return &leaseholdv1.CreateGrantResponse{Grant: grantToProto(rec)}, nil
+}
+
+func (a *adminService) ListGrants(ctx context.Context, req *leaseholdv1.ListGrantsRequest) (*leaseholdv1.ListGrantsResponse, error) {
+	if req.GetCredential() != "" {
+		if err := validCredentialName("credential", req.GetCredential()); err != nil {
+			return nil, err
+		}
+	}
+	size, err := validPageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	after, err := parsePageToken("page_token", "grants", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	var list []*store.Grant
+	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
+		list, err = tx.ListGrants(req.GetCredential(), after, size+1)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	out := &leaseholdv1.ListGrantsResponse{}
+	list, out.NextPageToken = page(list, size, "grants", func(g *store.Grant) string { return g.ID })
+	for _, g := range list {
+		out.Grants = append(out.Grants, grantToProto(g))
+	}
+	return out, nil
+}
+
+func (a *adminService) DeleteGrant(ctx context.Context, req *leaseholdv1.DeleteGrantRequest) (*leaseholdv1.DeleteGrantResponse, error) {
+	s := a.s
+	if err := validGrantID("id", req.GetId()); err != nil {
+		return nil, err
+	}
+	now := s.now()
+	var ended []*store.Lease
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		g, err := tx.GetGrant(req.GetId())
+		if err != nil {
+			return err
+		}
+		if ended, err = endActive(ctx, tx, store.LeaseFilter{GrantID: g.ID}, "grant deleted", now); err != nil {
+			return err
+		}
+		if err := tx.DeleteGrant(g.ID); err != nil {
+			return err
+		}
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventGrantDelete, GrantID: g.ID, Credential: g.Credential,
+			Reason: fmt.Sprintf("%d leases revoked", len(ended))})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	s.revokeUpstream(ctx, ended, backends.Spec{})
+	return &leaseholdv1.DeleteGrantResponse{LeasesRevoked: int32(len(ended))}, nil
+}
+
+// ---- agents ----
+
+func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeAgentRequest) (*leaseholdv1.RevokeAgentResponse, error) {
+	s := a.s
+	id, err := validSpiffeID("spiffe_id", req.GetSpiffeId(), s.cfg.TrustDomain)
+	if err != nil {
+		return nil, err
+	}
+	if req.GetReason() == "" {
+		return nil, errInvalid("reason", "is required: it is recorded in the audit trail")
+	}
+	if err := validText("reason", req.GetReason()); err != nil {
+		return nil, err
+	}
+	now := s.now()
+	var agent *store.Agent
+	var ended []*store.Lease
+	// One transaction: the revocation, the end of every active lease and
+	// their audit records are durable together before the call returns.
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		ag, err := tx.GetAgent(id.String())
+		if errors.Is(err, store.ErrNotFound) {
+			ag, err = &store.Agent{ID: id.String()}, nil
+		}
+		if err != nil {
+			return err
+		}
+		ag.Revoked, ag.RevokedAt, ag.RevokedReason, ag.RevokedBy = true, now, req.GetReason(), callerFrom(ctx).String()
+		if err := tx.PutAgent(ag); err != nil {
+			return err
+		}
+		agent = ag
+		if ended, err = endActive(ctx, tx, store.LeaseFilter{AgentID: ag.ID}, "agent revoked: "+req.GetReason(), now); err != nil {
+			return err
+		}
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventAgentRevoke, AgentID: ag.ID,
+			Reason: fmt.Sprintf("%s (%d leases revoked)", req.GetReason(), len(ended))})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	s.revokeUpstream(ctx, ended, backends.Spec{})
+	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(agent), LeasesRevoked: int32(len(ended))}, nil
+}
+
+func (a *adminService) ReinstateAgent(ctx context.Context, req *leaseholdv1.ReinstateAgentRequest) (*leaseholdv1.ReinstateAgentResponse, error) {
+	s := a.s
+	id, err := validSpiffeID("spiffe_id", req.GetSpiffeId(), s.cfg.TrustDomain)
+	if err != nil {
+		return nil, err
+	}
+	var agent *store.Agent
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		ag, err := tx.GetAgent(id.String())
+		if errors.Is(err, store.ErrNotFound) || (err == nil && !ag.Revoked) {
+			return errPrecondition("spiffe_id: %s is not revoked", id)
+		}
+		if err != nil {
+			return err
+		}
+		ag.Revoked, ag.RevokedAt, ag.RevokedReason, ag.RevokedBy = false, time.Time{}, "", ""
+		if err := tx.PutAgent(ag); err != nil {
+			return err
+		}
+		agent = ag
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventAgentReinstate, AgentID: ag.ID})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	return &leaseholdv1.ReinstateAgentResponse{Agent: agentToProto(agent)}, nil
+}
+
+func (a *adminService) ListAgents(ctx context.Context, req *leaseholdv1.ListAgentsRequest) (*leaseholdv1.ListAgentsResponse, error) {
+	size, err := validPageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	after, err := parsePageToken("page_token", "agents", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	var list []*store.Agent
+	err = a.s.store.View(ctx, func(tx store.ReadTx) error {
+		cursor := after
+		for len(list) <= size {
+			batch, err := tx.ListAgents(cursor, size+1)
+			if err != nil || len(batch) == 0 {
+				return err
+			}
+			for _, ag := range batch {
+				if !req.GetRevokedOnly() || ag.Revoked {
+					list = append(list, ag)
+				}
+			}
+			cursor = batch[len(batch)-1].ID
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := &leaseholdv1.ListAgentsResponse{}
+	list, out.NextPageToken = page(list, size, "agents", func(ag *store.Agent) string { return ag.ID })
+	for _, ag := range list {
+		out.Agents = append(out.Agents, agentToProto(ag))
+	}
+	return out, nil
+}
+
+// ---- leases ----
+
+func (a *adminService) ListLeases(ctx context.Context, req *leaseholdv1.ListLeasesRequest) (*leaseholdv1.ListLeasesResponse, error) {
+	f := store.LeaseFilter{ActiveOnly: req.GetActiveOnly()}
+	if req.GetAgentId() != "" {
+		id, err := validSpiffeID("agent_id", req.GetAgentId(), a.s.cfg.TrustDomain)
+		if err != nil {
+			return nil, err
+		}
+		f.AgentID = id.String()
+	}
+	if err := validTaskID("task_id", req.GetTaskId(), false); err != nil {
+		return nil, err
+	}
+	f.TaskID = req.GetTaskId()
+	size, err := validPageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	after, err := parsePageToken("page_token", "leases", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	var list []*store.Lease
+	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
+		list, err = tx.ListLeases(f, after, size+1)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	out := &leaseholdv1.ListLeasesResponse{}
+	list, out.NextPageToken = page(list, size, "leases", func(l *store.Lease) string { return l.ID })
+	for _, l := range list {
+		out.Leases = append(out.Leases, leaseToProto(l))
+	}
+	return out, nil
+}
+
+func (a *adminService) RevokeLease(ctx context.Context, req *leaseholdv1.RevokeLeaseRequest) (*leaseholdv1.RevokeLeaseResponse, error) {
+	s := a.s
+	if err := validLeaseID("lease_id", req.GetLeaseId()); err != nil {
+		return nil, err
+	}
+	if err := validText("reason", req.GetReason()); err != nil {
+		return nil, err
+	}
+	reason := "revoked by admin"
+	if req.GetReason() != "" {
+		reason += ": " + req.GetReason()
+	}
+	now := s.now()
+	var out *store.Lease
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		l, err := tx.GetLease(req.GetLeaseId())
+		if err != nil {
+			return err
+		}
+		if l.State != store.LeaseActive {
+			return errPrecondition("lease_id: lease %s is already %s", l.ID, l.State)
+		}
+		out = l
+		return endLease(ctx, tx, l, store.LeaseRevoked, reason, now, nil)
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	s.revokeUpstream(ctx, []*store.Lease{out}, backends.Spec{})
+	return &leaseholdv1.RevokeLeaseResponse{Lease: leaseToProto(out)}, nil
+}
+
+// ---- audit ----
+
+func (a *adminService) QueryAudit(ctx context.Context, req *leaseholdv1.QueryAuditRequest) (*leaseholdv1.QueryAuditResponse, error) {
+	q := store.AuditQuery{Credential: req.GetCredential(), TaskID: req.GetTaskId()}
+	if req.GetAgentId() != "" {
+		id, err := validSpiffeID("agent_id", req.GetAgentId(), a.s.cfg.TrustDomain)
+		if err != nil {
+			return nil, err
+		}
+		q.AgentID = id.String()
+	}
+	if q.Credential != "" {
+		if err := validCredentialName("credential", q.Credential); err != nil {
+			return nil, err
+		}
+	}
+	if err := validTaskID("task_id", q.TaskID, false); err != nil {
+		return nil, err
+	}
+	switch req.GetDecision() {
+	case leaseholdv1.Decision_DECISION_UNSPECIFIED:
+	case leaseholdv1.Decision_DECISION_ALLOW:
+		q.Decision = store.Allow
+	case leaseholdv1.Decision_DECISION_DENY:
+		q.Decision = store.Deny
+	default:
+		return nil, errInvalid("decision", "unknown value %d", req.GetDecision())
+	}
+	for _, t := range []struct {
+		field string
+		in    *timestamppb.Timestamp
+		out   *time.Time
+	}{{"start_time", req.GetStartTime(), &q.Start}, {"end_time", req.GetEndTime(), &q.End}} {
+		if t.in == nil {
+			continue
+		}
+		if err := t.in.CheckValid(); err != nil {
+			return nil, errInvalid(t.field, "is not a valid timestamp")
+		}
+		*t.out = t.in.AsTime()
+	}
+	if !q.Start.IsZero() && !q.End.IsZero() && !q.Start.Before(q.End) {
+		return nil, errInvalid("end_time", "must be after start_time")
+	}
+	size, err := validPageSize("page_size", req.GetPageSize())
+	if err != nil {
+		return nil, err
+	}
+	tok, err := parsePageToken("page_token", "audit", req.GetPageToken())
+	if err != nil {
+		return nil, err
+	}
+	if tok != "" {
+		if q.BeforeSequence, err = strconv.ParseUint(tok, 10, 64); err != nil || q.BeforeSequence == 0 {
+			return nil, errInvalid("page_token", "is malformed")
+		}
+	}
+	q.Limit = size + 1
+	var recs []*store.AuditRecord
+	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
+		recs, err = tx.QueryAudit(q)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	out := &leaseholdv1.QueryAuditResponse{}
+	recs, out.NextPageToken = page(recs, size, "audit", func(r *store.AuditRecord) string { return strconv.FormatUint(r.Sequence, 10) })
+	for _, r := range recs {
+		out.Records = append(out.Records, auditToProto(r))
+	}
+	return out, nil
+}

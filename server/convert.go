@@ -1,0 +1,98 @@
+package server
+
+import (
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/store"
+)
+
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+func leaseToProto(l *store.Lease) *leaseholdv1.Lease {
+	return &leaseholdv1.Lease{
+		Id: l.ID, AgentId: l.AgentID, Credential: l.Credential, Scopes: l.Scopes,
+		Task:    &leaseholdv1.Task{Id: l.TaskID, Purpose: l.TaskPurpose},
+		GrantId: l.GrantID, State: leaseStateToProto(l.State),
+		IssuedAt: ts(l.IssuedAt), ExpiresAt: ts(l.ExpiresAt), MaxExpiresAt: ts(l.MaxExpiresAt),
+		EndedAt: ts(l.EndedAt), EndReason: l.EndReason, CredentialVersion: l.CredentialVersion,
+	}
+}
+
+func leaseStateToProto(s store.LeaseState) leaseholdv1.LeaseState {
+	switch s {
+	case store.LeaseActive:
+		return leaseholdv1.LeaseState_LEASE_STATE_ACTIVE
+	case store.LeaseReleased:
+		return leaseholdv1.LeaseState_LEASE_STATE_RELEASED
+	case store.LeaseExpired:
+		return leaseholdv1.LeaseState_LEASE_STATE_EXPIRED
+	case store.LeaseRevoked:
+		return leaseholdv1.LeaseState_LEASE_STATE_REVOKED
+	}
+	return leaseholdv1.LeaseState_LEASE_STATE_UNSPECIFIED
+}
+
+func credentialToProto(c *store.Credential) *leaseholdv1.Credential {
+	return &leaseholdv1.Credential{
+		Name: c.Name, Backend: c.Backend, Description: c.Description, Config: c.Config,
+		SecretKeys: c.SecretKeys, CurrentVersion: c.CurrentVersion,
+		CreatedAt: ts(c.CreatedAt), UpdatedAt: ts(c.UpdatedAt),
+	}
+}
+
+func grantToProto(g *store.Grant) *leaseholdv1.Grant {
+	out := &leaseholdv1.Grant{
+		Id: g.ID, Credential: g.Credential, Scopes: g.Scopes,
+		MaxTtl: durationpb.New(g.MaxTTL), MaxLifetime: durationpb.New(g.MaxLifetime),
+		Description: g.Description, CreatedAt: ts(g.CreatedAt), CreatedBy: g.CreatedBy,
+	}
+	if g.SpiffeID != "" {
+		out.Subject = &leaseholdv1.Grant_SpiffeId{SpiffeId: g.SpiffeID}
+	} else {
+		out.Subject = &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: g.SpiffeIDPrefix}
+	}
+	return out
+}
+
+func agentToProto(a *store.Agent) *leaseholdv1.Agent {
+	return &leaseholdv1.Agent{
+		SpiffeId: a.ID, Revoked: a.Revoked, RevokedAt: ts(a.RevokedAt), RevokedReason: a.RevokedReason,
+		RevokedBy: a.RevokedBy, FirstSeen: ts(a.FirstSeen), LastSeen: ts(a.LastSeen),
+	}
+}
+
+var auditEvents = map[store.AuditEvent]leaseholdv1.AuditEvent{
+	store.EventLeaseAcquire:     leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_ACQUIRE,
+	store.EventLeaseRenew:       leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_RENEW,
+	store.EventLeaseRelease:     leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_RELEASE,
+	store.EventLeaseExpire:      leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_EXPIRE,
+	store.EventLeaseRevoke:      leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_REVOKE,
+	store.EventAgentRevoke:      leaseholdv1.AuditEvent_AUDIT_EVENT_AGENT_REVOKE,
+	store.EventAgentReinstate:   leaseholdv1.AuditEvent_AUDIT_EVENT_AGENT_REINSTATE,
+	store.EventCredentialPut:    leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_PUT,
+	store.EventCredentialDelete: leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_DELETE,
+	store.EventGrantCreate:      leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_CREATE,
+	store.EventGrantDelete:      leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_DELETE,
+}
+
+func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {
+	dec := leaseholdv1.Decision_DECISION_ALLOW
+	if r.Decision == store.Deny {
+		dec = leaseholdv1.Decision_DECISION_DENY
+	}
+	return &leaseholdv1.AuditRecord{
+		Sequence: r.Sequence, Time: ts(r.Time), Event: auditEvents[r.Event], Decision: dec,
+		Actor: r.Actor, AgentId: r.AgentID, Credential: r.Credential, Scopes: r.Scopes,
+		TaskId: r.TaskID, TaskPurpose: r.TaskPurpose, LeaseId: r.LeaseID, GrantId: r.GrantID,
+		Reason: r.Reason, RequestId: r.RequestID, Code: r.Code,
+	}
+}

@@ -1,0 +1,553 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+
+	"github.com/leasehold/leasehold/backends"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/store"
+)
+
+func newID(prefix string) string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// grantMatches reports whether g's subject covers id: the exact ID, or an ID
+// at or below the grant's path prefix.
+func grantMatches(g *store.Grant, id spiffeid.ID) bool {
+	if g.SpiffeID != "" {
+		return g.SpiffeID == id.String()
+	}
+	p, err := spiffeid.FromString(g.SpiffeIDPrefix)
+	if err != nil || p.TrustDomain() != id.TrustDomain() {
+		return false
+	}
+	return id.Path() == p.Path() || strings.HasPrefix(id.Path(), p.Path()+"/")
+}
+
+// pickGrant finds a grant that allows caller the scopes and ttl, or returns
+// the most specific denial.
+func pickGrant(grants []*store.Grant, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration) (*store.Grant, error) {
+	var ttlDenial error
+	matched := false
+	for _, g := range grants {
+		if !grantMatches(g, caller) {
+			continue
+		}
+		matched = true
+		if !backends.SubsetOf(scopes, g.Scopes) {
+			continue
+		}
+		if ttl > g.MaxTTL {
+			ttlDenial = errDenied("ttl: %v exceeds the grant's max_ttl %v", ttl, g.MaxTTL)
+			continue
+		}
+		return g, nil
+	}
+	switch {
+	case !matched:
+		return nil, errDenied("no grant allows %s to lease %q", caller, credential)
+	case ttlDenial != nil:
+		return nil, ttlDenial
+	}
+	return nil, errDenied("scopes: %s not granted to %s for %q", strings.Join(scopes, ","), caller, credential)
+}
+
+func checkAgentActive(tx store.ReadTx, agent string) error {
+	a, err := tx.GetAgent(agent)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return nil
+	case err != nil:
+		return err
+	case a.Revoked:
+		return errDenied("agent %s is revoked", agent)
+	}
+	return nil
+}
+
+// touchAgent records that the broker has seen agent.
+func touchAgent(tx store.Tx, agent string, now time.Time) error {
+	a, err := tx.GetAgent(agent)
+	if errors.Is(err, store.ErrNotFound) {
+		a, err = &store.Agent{ID: agent, FirstSeen: now}, nil
+	}
+	if err != nil {
+		return err
+	}
+	a.LastSeen = now
+	return tx.PutAgent(a)
+}
+
+func versionAAD(name string, version uint64) []byte {
+	return []byte("leasehold/credential/" + name + "/v" + strconv.FormatUint(version, 10))
+}
+
+func credentialAAD(name string) []byte { return []byte("leasehold/credential/" + name) }
+
+func leaseAAD(id string) []byte { return []byte("leasehold/lease/" + id) }
+
+// openSecret decrypts a credential version. The caller must clear the result.
+func (s *Server) openSecret(c *store.Credential, v *store.CredentialVersion) (map[string][]byte, error) {
+	pt, err := s.keyring.Open(c.WrappedKey, credentialAAD(c.Name), v.Sealed, versionAAD(c.Name, v.Version))
+	if err != nil {
+		return nil, fmt.Errorf("open credential %q version %d: %w", c.Name, v.Version, err)
+	}
+	defer clear(pt)
+	var m map[string]string
+	if err := json.Unmarshal(pt, &m); err != nil {
+		return nil, fmt.Errorf("decode credential %q version %d: %w", c.Name, v.Version, err)
+	}
+	out := make(map[string][]byte, len(m))
+	for k, val := range m {
+		out[k] = []byte(val)
+	}
+	return out, nil
+}
+
+func clearSecret(m map[string][]byte) {
+	for _, v := range m {
+		clear(v)
+	}
+}
+
+func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leaseholdv1.AcquireLeaseRequest, ttl time.Duration) (*leaseholdv1.AcquireLeaseResponse, error) {
+	now := s.now()
+	agent := caller.String()
+	rec := &store.AuditRecord{
+		Event: store.EventLeaseAcquire, AgentID: agent, Credential: req.GetCredential(),
+		Scopes: req.GetScopes(), TaskID: req.GetTask().GetId(), TaskPurpose: req.GetTask().GetPurpose(),
+	}
+
+	var (
+		cred    *store.Credential
+		version *store.CredentialVersion
+		grant   *store.Grant
+		denial  error
+	)
+	err := s.store.View(ctx, func(tx store.ReadTx) error {
+		if denial = checkAgentActive(tx, agent); denial != nil {
+			return nil
+		}
+		c, err := tx.GetCredential(req.GetCredential())
+		if err != nil {
+			return err
+		}
+		grants, err := tx.ListGrants(c.Name, "", 0)
+		if err != nil {
+			return err
+		}
+		if grant, denial = pickGrant(grants, caller, c.Name, req.GetScopes(), ttl); denial != nil {
+			return nil
+		}
+		cred = c
+		version, err = tx.GetCredentialVersion(c.Name, c.CurrentVersion)
+		return err
+	})
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) && cred == nil {
+			return nil, errNotFound("credential %q not found", req.GetCredential())
+		}
+		return nil, err
+	}
+	if denial != nil {
+		return nil, s.deny(ctx, rec, denial)
+	}
+
+	if ttl == 0 {
+		ttl = min(s.cfg.DefaultTTL, grant.MaxTTL)
+	}
+	maxExpires := now.Add(grant.MaxLifetime)
+	expires := now.Add(ttl)
+	if expires.After(maxExpires) {
+		expires = maxExpires
+	}
+	backend, err := s.backends.Lookup(cred.Backend)
+	if err != nil {
+		return nil, errPrecondition("credential %q uses backend %q, which this broker does not have", cred.Name, cred.Backend)
+	}
+	secret, err := s.openSecret(cred, version)
+	if err != nil {
+		return nil, err
+	}
+	defer clearSecret(secret)
+	lease := &store.Lease{
+		ID: newID("ls_"), AgentID: agent, Credential: cred.Name, Backend: cred.Backend,
+		Scopes: slices.Clone(req.GetScopes()), TaskID: rec.TaskID, TaskPurpose: rec.TaskPurpose,
+		GrantID: grant.ID, State: store.LeaseActive, TTL: ttl, IssuedAt: now,
+		ExpiresAt: expires, MaxExpiresAt: maxExpires, CredentialVersion: version.Version,
+	}
+	spec := backends.Spec{Name: cred.Name, Config: cred.Config, Secret: secret}
+	issued, err := backend.Issue(ctx, backends.IssueRequest{
+		Spec: spec, LeaseID: lease.ID, AgentID: agent, TaskID: lease.TaskID, Scopes: lease.Scopes, ExpiresAt: expires,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("backend %s issue for %q: %w", cred.Backend, cred.Name, err)
+	}
+	defer clearSecret(issued.Secret)
+	if !issued.ExpiresAt.IsZero() && issued.ExpiresAt.Before(lease.ExpiresAt) {
+		lease.ExpiresAt = issued.ExpiresAt
+	}
+	if len(issued.Artifact) > 0 {
+		if lease.ArtifactKey, err = s.keyring.NewDataKey(leaseAAD(lease.ID)); err == nil {
+			lease.Artifact, err = s.keyring.Seal(lease.ArtifactKey, leaseAAD(lease.ID), issued.Artifact, leaseAAD(lease.ID))
+		}
+		clear(issued.Artifact)
+		if err != nil {
+			s.revokeUpstream(ctx, []*store.Lease{lease}, spec)
+			return nil, fmt.Errorf("seal artifact: %w", err)
+		}
+	}
+
+	rec.LeaseID, rec.GrantID = lease.ID, grant.ID
+	rec.Reason = fmt.Sprintf("allowed by grant %s; version %d; expires %s", grant.ID, version.Version, lease.ExpiresAt.UTC().Format(time.RFC3339))
+	// Commit the lease and its audit record together. The writer re-checks
+	// what a concurrent RevokeAgent or DeleteGrant may have changed since the
+	// read above; the secret leaves only after this commit is durable.
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		if err := checkAgentActive(tx, agent); err != nil {
+			return err
+		}
+		if _, err := tx.GetGrant(grant.ID); err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				return errDenied("grant %s was deleted", grant.ID)
+			}
+			return err
+		}
+		if err := touchAgent(tx, agent, now); err != nil {
+			return err
+		}
+		if err := tx.PutLease(lease); err != nil {
+			return err
+		}
+		return appendAudit(ctx, tx, rec)
+	})
+	if err != nil {
+		s.revokeUpstream(ctx, []*store.Lease{lease}, spec)
+		var ae *apiError
+		if errors.As(err, &ae) && ae.code == codes.PermissionDenied {
+			return nil, s.deny(ctx, rec, err)
+		}
+		return nil, s.writeFailed(ctx, err)
+	}
+	out := &leaseholdv1.AcquireLeaseResponse{Lease: leaseToProto(lease), Secret: make(map[string]string, len(issued.Secret))}
+	for k, v := range issued.Secret {
+		out.Secret[k] = string(v)
+	}
+	return out, nil
+}
+
+// ownedLease loads a lease for its holder: NotFound when it does not exist,
+// PermissionDenied (audited by the caller) when it belongs to someone else.
+func ownedLease(tx store.ReadTx, id string, caller spiffeid.ID) (*store.Lease, error) {
+	l, err := tx.GetLease(id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, errNotFound("lease %s not found", id)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if l.AgentID != caller.String() {
+		return l, errDenied("lease %s belongs to another agent", id)
+	}
+	return l, nil
+}
+
+func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl time.Duration) (*store.Lease, error) {
+	now := s.now()
+	rec := &store.AuditRecord{Event: store.EventLeaseRenew, AgentID: caller.String(), LeaseID: id}
+	var lease *store.Lease
+	var grant *store.Grant
+	var denial error
+	err := s.store.View(ctx, func(tx store.ReadTx) error {
+		l, err := ownedLease(tx, id, caller)
+		if l != nil {
+			rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose = l.Credential, l.Scopes, l.TaskID, l.TaskPurpose
+		}
+		if isDenied(err) {
+			denial = err
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if denial = checkAgentActive(tx, caller.String()); denial != nil {
+			return nil
+		}
+		if !l.Active(now) {
+			return errPrecondition("lease_id: lease %s is %s and cannot be renewed", id, effectiveState(l, now))
+		}
+		if ttl == 0 {
+			ttl = l.TTL
+		}
+		g, err := tx.GetGrant(l.GrantID)
+		if errors.Is(err, store.ErrNotFound) {
+			return errPrecondition("lease_id: the grant behind lease %s was deleted", id)
+		}
+		if err != nil {
+			return err
+		}
+		if ttl > g.MaxTTL {
+			denial = errDenied("ttl: %v exceeds the grant's max_ttl %v", ttl, g.MaxTTL)
+			return nil
+		}
+		lease, grant = l, g
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if denial != nil {
+		return nil, s.deny(ctx, rec, denial)
+	}
+	expires := now.Add(ttl)
+	if expires.After(lease.MaxExpiresAt) {
+		expires = lease.MaxExpiresAt
+	}
+	if len(lease.Artifact) > 0 {
+		got, err := s.renewUpstream(ctx, lease, expires)
+		if err != nil {
+			return nil, err
+		}
+		if got.Before(expires) {
+			expires = got
+		}
+	}
+	rec.GrantID = grant.ID
+	rec.Reason = "expires " + expires.UTC().Format(time.RFC3339)
+	var out *store.Lease
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		l, err := ownedLease(tx, id, caller)
+		if err != nil {
+			return err
+		}
+		if err := checkAgentActive(tx, caller.String()); err != nil {
+			return err
+		}
+		if !l.Active(now) {
+			return errPrecondition("lease_id: lease %s is %s and cannot be renewed", id, effectiveState(l, now))
+		}
+		if expires.After(l.ExpiresAt) {
+			l.ExpiresAt = expires
+		}
+		if err := tx.PutLease(l); err != nil {
+			return err
+		}
+		out = l
+		return appendAudit(ctx, tx, rec)
+	})
+	if err != nil {
+		if isDenied(err) {
+			return nil, s.deny(ctx, rec, err)
+		}
+		return nil, s.writeFailed(ctx, err)
+	}
+	return out, nil
+}
+
+func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (*store.Lease, error) {
+	now := s.now()
+	rec := &store.AuditRecord{Event: store.EventLeaseRelease, AgentID: caller.String(), LeaseID: id}
+	var out *store.Lease
+	var ended []*store.Lease
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		l, err := ownedLease(tx, id, caller)
+		if l != nil {
+			rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose, rec.GrantID = l.Credential, l.Scopes, l.TaskID, l.TaskPurpose, l.GrantID
+		}
+		if err != nil {
+			return err
+		}
+		out = l
+		if l.State != store.LeaseActive {
+			return nil // already ended: releasing is idempotent
+		}
+		ended = append(ended, l)
+		return endLease(ctx, tx, l, store.LeaseReleased, "released by its holder", now, rec)
+	})
+	if err != nil {
+		if isDenied(err) {
+			return nil, s.deny(ctx, rec, err)
+		}
+		return nil, s.writeFailed(ctx, err)
+	}
+	s.revokeUpstream(ctx, ended, backends.Spec{})
+	return out, nil
+}
+
+// endLease ends an active lease in tx and appends its audit record. rec may
+// be nil, in which case one is built from the lease.
+func endLease(ctx context.Context, tx store.Tx, l *store.Lease, state store.LeaseState, reason string, now time.Time, rec *store.AuditRecord) error {
+	l.State, l.EndedAt, l.EndReason = state, now, reason
+	if err := tx.PutLease(l); err != nil {
+		return err
+	}
+	if rec == nil {
+		rec = &store.AuditRecord{AgentID: l.AgentID}
+	}
+	switch state {
+	case store.LeaseReleased:
+		rec.Event = store.EventLeaseRelease
+	case store.LeaseExpired:
+		rec.Event = store.EventLeaseExpire
+	default:
+		rec.Event = store.EventLeaseRevoke
+	}
+	rec.LeaseID, rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose, rec.GrantID = l.ID, l.Credential, l.Scopes, l.TaskID, l.TaskPurpose, l.GrantID
+	rec.Reason = reason
+	return appendAudit(ctx, tx, rec)
+}
+
+// endActive ends every active lease matching f in tx, for revocations.
+func endActive(ctx context.Context, tx store.Tx, f store.LeaseFilter, reason string, now time.Time) ([]*store.Lease, error) {
+	f.ActiveOnly = true
+	leases, err := tx.ListLeases(f, "", 0)
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range leases {
+		if err := endLease(ctx, tx, l, store.LeaseRevoked, reason, now, nil); err != nil {
+			return nil, err
+		}
+	}
+	return leases, nil
+}
+
+func effectiveState(l *store.Lease, now time.Time) store.LeaseState {
+	if l.State == store.LeaseActive && !now.Before(l.ExpiresAt) {
+		return store.LeaseExpired
+	}
+	return l.State
+}
+
+func isDenied(err error) bool {
+	var ae *apiError
+	return errors.As(err, &ae) && ae.code == codes.PermissionDenied
+}
+
+// revokeUpstream asks backends to destroy what ended leases created
+// upstream. Static credentials create nothing, so this is a no-op for them.
+// Failures are logged.
+//
+// TODO(issue 5): replace with the durable revocation queue, which persists
+// the work in the same transaction that ends the lease and retries.
+func (s *Server) revokeUpstream(ctx context.Context, leases []*store.Lease, spec backends.Spec) {
+	for _, l := range leases {
+		if len(l.Artifact) == 0 {
+			continue
+		}
+		b, err := s.backends.Lookup(l.Backend)
+		if err != nil {
+			s.log.ErrorContext(ctx, "upstream revoke: backend missing", "lease_id", l.ID, "backend", l.Backend)
+			continue
+		}
+		artifact, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.Artifact, leaseAAD(l.ID))
+		if err != nil {
+			s.log.ErrorContext(ctx, "upstream revoke: artifact does not open", "lease_id", l.ID)
+			continue
+		}
+		if spec.Name == "" {
+			spec.Name = l.Credential
+		}
+		err = b.Revoke(context.WithoutCancel(ctx), backends.LeaseRef{Spec: spec, LeaseID: l.ID, Artifact: artifact})
+		clear(artifact)
+		if err != nil {
+			s.log.ErrorContext(ctx, "upstream revoke failed", "lease_id", l.ID, "backend", l.Backend, "error", err.Error())
+		}
+	}
+}
+
+func (s *Server) renewUpstream(ctx context.Context, l *store.Lease, expires time.Time) (time.Time, error) {
+	b, err := s.backends.Lookup(l.Backend)
+	if err != nil {
+		return time.Time{}, errPrecondition("lease %s uses backend %q, which this broker does not have", l.ID, l.Backend)
+	}
+	artifact, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.Artifact, leaseAAD(l.ID))
+	if err != nil {
+		return time.Time{}, fmt.Errorf("open lease artifact: %w", err)
+	}
+	defer clear(artifact)
+	return b.Renew(ctx, backends.LeaseRef{Spec: backends.Spec{Name: l.Credential}, LeaseID: l.ID, Artifact: artifact}, expires)
+}
+
+// reapOnce ends up to batch active leases that have expired and reports how
+// many it ended.
+func (s *Server) reapOnce(ctx context.Context, batch int) (int, error) {
+	now := s.now()
+	var due []*store.Lease
+	if err := s.store.View(ctx, func(tx store.ReadTx) error {
+		var err error
+		due, err = tx.ActiveLeasesExpiringBefore(now, batch)
+		return err
+	}); err != nil || len(due) == 0 {
+		return 0, err
+	}
+	var ended []*store.Lease
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		ended = ended[:0]
+		for _, d := range due {
+			l, err := tx.GetLease(d.ID)
+			if err != nil {
+				return err
+			}
+			if l.State != store.LeaseActive || now.Before(l.ExpiresAt) {
+				continue // released, revoked or renewed meanwhile
+			}
+			rec := &store.AuditRecord{AgentID: l.AgentID, Actor: reaperActor}
+			if err := endLease(ctx, tx, l, store.LeaseExpired, "expired", now, rec); err != nil {
+				return err
+			}
+			ended = append(ended, l)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	s.revokeUpstream(ctx, ended, backends.Spec{})
+	return len(ended), nil
+}
+
+// runReaper ends expired leases until Stop. It keeps no state of its own:
+// the expiry index is the queue, so a restarted broker resumes where the
+// previous one stopped.
+func (s *Server) runReaper() {
+	const batch = 256
+	t := time.NewTicker(s.cfg.ReaperInterval)
+	defer t.Stop()
+	ctx := withRequestID(context.Background(), "reaper")
+	for {
+		for {
+			n, err := s.reapOnce(ctx, batch)
+			if err != nil {
+				s.log.Error("reaper", "error", err.Error())
+				break
+			}
+			if n > 0 {
+				s.log.Info("reaper ended expired leases", "count", n)
+			}
+			if n < batch {
+				break
+			}
+		}
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+	}
+}

@@ -1,0 +1,527 @@
+// Package bolt is Leasehold's embedded store engine, on go.etcd.io/bbolt.
+//
+// Layout: one bucket per record kind, keyed by id, holding JSON; secondary
+// indexes are buckets whose keys are "<value>\x00<id>" (leases) or
+// "<value>\x00<seq>" (audit) with a one-byte value (the lease state or the
+// audit decision) so filters can skip records without decoding them. Active
+// leases are also in an expiry index keyed by big-endian expiry then id, which
+// the reaper walks, so start-up never loads leases into memory.
+package bolt
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	bbolt "go.etcd.io/bbolt"
+
+	"github.com/leasehold/leasehold/store"
+)
+
+var (
+	bMeta         = []byte("meta")
+	bCredentials  = []byte("credentials")
+	bCredVersions = []byte("credential_versions")
+	bGrants       = []byte("grants")
+	bGrantsByCred = []byte("idx_grants_credential")
+	bAgents       = []byte("agents")
+	bLeases       = []byte("leases")
+	bLeaseByAgent = []byte("idx_leases_agent")
+	bLeaseByTask  = []byte("idx_leases_task")
+	bLeaseByGrant = []byte("idx_leases_grant")
+	bLeaseByCred  = []byte("idx_leases_credential")
+	bLeaseExpiry  = []byte("idx_leases_expiry")
+	bAudit        = []byte("audit")
+	bAuditByAgent = []byte("idx_audit_agent")
+	bAuditByCred  = []byte("idx_audit_credential")
+	bAuditByTask  = []byte("idx_audit_task")
+	bAuditByTime  = []byte("idx_audit_time")
+
+	allBuckets = [][]byte{bMeta, bCredentials, bCredVersions, bGrants, bGrantsByCred, bAgents,
+		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
+		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByTime}
+
+	keySchema        = []byte("schema_version")
+	keyLastAuditTime = []byte("last_audit_time")
+)
+
+// Config configures the engine.
+type Config struct {
+	// Path of the database file; its directory is created (0700) if missing.
+	Path string
+	// OpenTimeout bounds the wait for the file lock held by another process.
+	OpenTimeout time.Duration
+	// NoSync skips fsync on commit. Only for tests that measure nothing durable.
+	NoSync bool
+}
+
+// Validate reports a missing or unusable setting.
+func (c Config) Validate() error {
+	if c.Path == "" {
+		return errors.New("bolt: path is required")
+	}
+	return nil
+}
+
+// Store is the bbolt engine. It is safe for concurrent use.
+type Store struct {
+	db     *bbolt.DB
+	closed atomic.Bool
+}
+
+var _ store.Store = (*Store)(nil)
+
+// Open opens or creates the database at cfg.Path, creating its buckets and
+// recording the schema version.
+func Open(cfg Config) (*Store, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.OpenTimeout == 0 {
+		cfg.OpenTimeout = 5 * time.Second
+	}
+	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o700); err != nil {
+		return nil, fmt.Errorf("bolt: create directory: %w", err)
+	}
+	db, err := bbolt.Open(cfg.Path, 0o600, &bbolt.Options{Timeout: cfg.OpenTimeout, NoSync: cfg.NoSync})
+	if err != nil {
+		return nil, fmt.Errorf("bolt: open %s: %w", cfg.Path, err)
+	}
+	err = db.Update(func(tx *bbolt.Tx) error {
+		for _, name := range allBuckets {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		meta := tx.Bucket(bMeta)
+		if v := meta.Get(keySchema); v != nil {
+			if got := binary.BigEndian.Uint64(v); got > store.SchemaVersion {
+				return fmt.Errorf("%w: file has %d, this build reads up to %d", store.ErrSchema, got, store.SchemaVersion)
+			}
+		}
+		return meta.Put(keySchema, u64(store.SchemaVersion))
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("bolt: initialise %s: %w", cfg.Path, err)
+	}
+	return &Store{db: db}, nil
+}
+
+// View implements store.Store.
+func (s *Store) View(ctx context.Context, fn func(store.ReadTx) error) error {
+	if s.closed.Load() {
+		return store.ErrClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.db.View(func(tx *bbolt.Tx) error { return fn(&boltTx{tx: tx}) })
+}
+
+// Update implements store.Store.
+func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
+	if s.closed.Load() {
+		return store.ErrClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bbolt.Tx) error { return fn(&boltTx{tx: tx}) })
+}
+
+// Ready implements store.Store.
+func (s *Store) Ready(ctx context.Context) error {
+	if s.closed.Load() {
+		return store.ErrClosed
+	}
+	return s.db.View(func(tx *bbolt.Tx) error {
+		if tx.Bucket(bMeta) == nil {
+			return errors.New("bolt: meta bucket missing")
+		}
+		return nil
+	})
+}
+
+// Close implements store.Store.
+func (s *Store) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	return s.db.Close()
+}
+
+// Check runs bbolt's consistency check over the whole file and returns the
+// first problem found.
+func (s *Store) Check() error {
+	return s.db.View(func(tx *bbolt.Tx) error {
+		for err := range tx.Check() {
+			return err
+		}
+		return nil
+	})
+}
+
+type boltTx struct{ tx *bbolt.Tx }
+
+// ---- encoding helpers ----
+
+func u64(v uint64) []byte {
+	b := make([]byte, 8)
+	binary.BigEndian.PutUint64(b, v)
+	return b
+}
+
+func checkKey(field, v string) error {
+	if v == "" || bytes.IndexByte([]byte(v), 0) >= 0 {
+		return fmt.Errorf("bolt: invalid %s %q", field, v)
+	}
+	return nil
+}
+
+func idxKey(value, id string) []byte {
+	k := make([]byte, 0, len(value)+1+len(id))
+	k = append(k, value...)
+	k = append(k, 0)
+	return append(k, id...)
+}
+
+func idxSeqKey(value string, seq uint64) []byte {
+	k := make([]byte, 0, len(value)+9)
+	k = append(k, value...)
+	k = append(k, 0)
+	return binary.BigEndian.AppendUint64(k, seq)
+}
+
+func expiryKey(t time.Time, id string) []byte {
+	k := make([]byte, 0, 8+len(id))
+	k = binary.BigEndian.AppendUint64(k, uint64(t.UnixNano()))
+	return append(k, id...)
+}
+
+func get[T any](b *bbolt.Bucket, key []byte, what string) (*T, error) {
+	v := b.Get(key)
+	if v == nil {
+		return nil, fmt.Errorf("%s %q: %w", what, key, store.ErrNotFound)
+	}
+	return decode[T](v, what)
+}
+
+func decode[T any](v []byte, what string) (*T, error) {
+	out := new(T)
+	if err := json.Unmarshal(v, out); err != nil {
+		return nil, fmt.Errorf("bolt: decode %s: %w", what, err)
+	}
+	return out, nil
+}
+
+func put(b *bbolt.Bucket, key []byte, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("bolt: encode: %w", err)
+	}
+	return b.Put(key, data)
+}
+
+// list walks bucket b in key order after `after`, decoding values.
+func list[T any](b *bbolt.Bucket, after string, limit int, what string) ([]*T, error) {
+	var out []*T
+	c := b.Cursor()
+	k, v := c.First()
+	if after != "" {
+		k, v = c.Seek([]byte(after))
+		if k != nil && string(k) == after {
+			k, v = c.Next()
+		}
+	}
+	for ; k != nil; k, v = c.Next() {
+		r, err := decode[T](v, what)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+		if limit > 0 && len(out) >= limit {
+			break
+		}
+	}
+	return out, nil
+}
+
+// ---- credentials ----
+
+func (t *boltTx) GetCredential(name string) (*store.Credential, error) {
+	return get[store.Credential](t.tx.Bucket(bCredentials), []byte(name), "credential")
+}
+
+func (t *boltTx) ListCredentials(after string, limit int) ([]*store.Credential, error) {
+	return list[store.Credential](t.tx.Bucket(bCredentials), after, limit, "credential")
+}
+
+func (t *boltTx) PutCredential(c *store.Credential) error {
+	if err := checkKey("credential name", c.Name); err != nil {
+		return err
+	}
+	return put(t.tx.Bucket(bCredentials), []byte(c.Name), c)
+}
+
+func (t *boltTx) GetCredentialVersion(name string, version uint64) (*store.CredentialVersion, error) {
+	return get[store.CredentialVersion](t.tx.Bucket(bCredVersions), idxSeqKey(name, version), "credential version")
+}
+
+func (t *boltTx) PutCredentialVersion(v *store.CredentialVersion) error {
+	if err := checkKey("credential name", v.Credential); err != nil {
+		return err
+	}
+	b := t.tx.Bucket(bCredVersions)
+	key := idxSeqKey(v.Credential, v.Version)
+	if b.Get(key) != nil {
+		return fmt.Errorf("credential %q version %d: %w", v.Credential, v.Version, store.ErrAlreadyExists)
+	}
+	return put(b, key, v)
+}
+
+func (t *boltTx) DeleteCredential(name string) error {
+	b := t.tx.Bucket(bCredentials)
+	if b.Get([]byte(name)) == nil {
+		return fmt.Errorf("credential %q: %w", name, store.ErrNotFound)
+	}
+	if err := b.Delete([]byte(name)); err != nil {
+		return err
+	}
+	return deletePrefix(t.tx.Bucket(bCredVersions), append([]byte(name), 0))
+}
+
+func deletePrefix(b *bbolt.Bucket, prefix []byte) error {
+	c := b.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Seek(prefix) {
+		if err := c.Delete(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ---- grants ----
+
+func (t *boltTx) GetGrant(id string) (*store.Grant, error) {
+	return get[store.Grant](t.tx.Bucket(bGrants), []byte(id), "grant")
+}
+
+func (t *boltTx) ListGrants(credential, after string, limit int) ([]*store.Grant, error) {
+	if credential == "" {
+		return list[store.Grant](t.tx.Bucket(bGrants), after, limit, "grant")
+	}
+	var out []*store.Grant
+	err := walkIndex(t.tx.Bucket(bGrantsByCred), credential, after, func(id string, _ []byte) (bool, error) {
+		g, err := t.GetGrant(id)
+		if err != nil {
+			return false, err
+		}
+		out = append(out, g)
+		return limit <= 0 || len(out) < limit, nil
+	})
+	return out, err
+}
+
+func (t *boltTx) PutGrant(g *store.Grant) error {
+	if err := checkKey("grant id", g.ID); err != nil {
+		return err
+	}
+	if err := checkKey("grant credential", g.Credential); err != nil {
+		return err
+	}
+	b := t.tx.Bucket(bGrants)
+	if old := b.Get([]byte(g.ID)); old != nil {
+		prev, err := decode[store.Grant](old, "grant")
+		if err != nil {
+			return err
+		}
+		if err := t.tx.Bucket(bGrantsByCred).Delete(idxKey(prev.Credential, prev.ID)); err != nil {
+			return err
+		}
+	}
+	if err := t.tx.Bucket(bGrantsByCred).Put(idxKey(g.Credential, g.ID), nil); err != nil {
+		return err
+	}
+	return put(b, []byte(g.ID), g)
+}
+
+func (t *boltTx) DeleteGrant(id string) error {
+	g, err := t.GetGrant(id)
+	if err != nil {
+		return err
+	}
+	if err := t.tx.Bucket(bGrantsByCred).Delete(idxKey(g.Credential, g.ID)); err != nil {
+		return err
+	}
+	return t.tx.Bucket(bGrants).Delete([]byte(id))
+}
+
+// walkIndex visits the ids under value in an index bucket, in id order after
+// `after`, until fn returns false.
+func walkIndex(b *bbolt.Bucket, value, after string, fn func(id string, v []byte) (bool, error)) error {
+	prefix := append([]byte(value), 0)
+	c := b.Cursor()
+	start := prefix
+	if after != "" {
+		start = idxKey(value, after)
+	}
+	for k, v := c.Seek(start); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+		id := string(k[len(prefix):])
+		if id == after {
+			continue
+		}
+		more, err := fn(id, v)
+		if err != nil || !more {
+			return err
+		}
+	}
+	return nil
+}
+
+// ---- agents ----
+
+func (t *boltTx) GetAgent(id string) (*store.Agent, error) {
+	return get[store.Agent](t.tx.Bucket(bAgents), []byte(id), "agent")
+}
+
+func (t *boltTx) ListAgents(after string, limit int) ([]*store.Agent, error) {
+	return list[store.Agent](t.tx.Bucket(bAgents), after, limit, "agent")
+}
+
+func (t *boltTx) PutAgent(a *store.Agent) error {
+	if err := checkKey("agent id", a.ID); err != nil {
+		return err
+	}
+	return put(t.tx.Bucket(bAgents), []byte(a.ID), a)
+}
+
+// ---- leases ----
+
+func (t *boltTx) GetLease(id string) (*store.Lease, error) {
+	return get[store.Lease](t.tx.Bucket(bLeases), []byte(id), "lease")
+}
+
+type leaseIndex struct {
+	bucket []byte
+	value  func(*store.Lease) string
+}
+
+var leaseIndexes = []leaseIndex{
+	{bLeaseByAgent, func(l *store.Lease) string { return l.AgentID }},
+	{bLeaseByTask, func(l *store.Lease) string { return l.TaskID }},
+	{bLeaseByGrant, func(l *store.Lease) string { return l.GrantID }},
+	{bLeaseByCred, func(l *store.Lease) string { return l.Credential }},
+}
+
+func (t *boltTx) PutLease(l *store.Lease) error {
+	for _, f := range []struct{ name, v string }{{"lease id", l.ID}, {"lease agent", l.AgentID}, {"lease task", l.TaskID}, {"lease grant", l.GrantID}, {"lease credential", l.Credential}} {
+		if err := checkKey(f.name, f.v); err != nil {
+			return err
+		}
+	}
+	b := t.tx.Bucket(bLeases)
+	exp := t.tx.Bucket(bLeaseExpiry)
+	if old := b.Get([]byte(l.ID)); old != nil {
+		prev, err := decode[store.Lease](old, "lease")
+		if err != nil {
+			return err
+		}
+		if err := exp.Delete(expiryKey(prev.ExpiresAt, prev.ID)); err != nil {
+			return err
+		}
+		for _, ix := range leaseIndexes {
+			if ix.value(prev) != ix.value(l) {
+				if err := t.tx.Bucket(ix.bucket).Delete(idxKey(ix.value(prev), prev.ID)); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for _, ix := range leaseIndexes {
+		if err := t.tx.Bucket(ix.bucket).Put(idxKey(ix.value(l), l.ID), []byte{byte(l.State)}); err != nil {
+			return err
+		}
+	}
+	if l.State == store.LeaseActive {
+		if err := exp.Put(expiryKey(l.ExpiresAt, l.ID), nil); err != nil {
+			return err
+		}
+	}
+	return put(b, []byte(l.ID), l)
+}
+
+func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*store.Lease, error) {
+	match := func(l *store.Lease) bool {
+		return (f.AgentID == "" || l.AgentID == f.AgentID) &&
+			(f.TaskID == "" || l.TaskID == f.TaskID) &&
+			(f.GrantID == "" || l.GrantID == f.GrantID) &&
+			(f.Credential == "" || l.Credential == f.Credential) &&
+			(!f.ActiveOnly || l.State == store.LeaseActive)
+	}
+	var out []*store.Lease
+	var ix *leaseIndex
+	var value string
+	for i, v := range []string{f.AgentID, f.TaskID, f.GrantID, f.Credential} {
+		if v != "" {
+			ix, value = &leaseIndexes[i], v
+			break
+		}
+	}
+	if ix == nil {
+		all, err := list[store.Lease](t.tx.Bucket(bLeases), after, 0, "lease")
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range all {
+			if match(l) {
+				out = append(out, l)
+				if limit > 0 && len(out) >= limit {
+					break
+				}
+			}
+		}
+		return out, nil
+	}
+	err := walkIndex(t.tx.Bucket(ix.bucket), value, after, func(id string, state []byte) (bool, error) {
+		if f.ActiveOnly && (len(state) != 1 || store.LeaseState(state[0]) != store.LeaseActive) {
+			return true, nil
+		}
+		l, err := t.GetLease(id)
+		if err != nil {
+			return false, err
+		}
+		if match(l) {
+			out = append(out, l)
+		}
+		return limit <= 0 || len(out) < limit, nil
+	})
+	return out, err
+}
+
+func (t *boltTx) ActiveLeasesExpiringBefore(at time.Time, limit int) ([]*store.Lease, error) {
+	var out []*store.Lease
+	c := t.tx.Bucket(bLeaseExpiry).Cursor()
+	end := uint64(at.UnixNano())
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		if binary.BigEndian.Uint64(k[:8]) > end {
+			break
+		}
+		l, err := t.GetLease(string(k[8:]))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, l)
+		if limit > 0 && len(out) >= limit {
+			break
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,277 @@
+// Package store defines Leasehold's persistence interface, its domain records
+// and its sentinel errors. Engines live in sub-packages (store/bolt is the
+// embedded default) and all pass the conformance suite in store/storetest.
+//
+// Every read and write happens inside a closure transaction. An Update
+// closure must not make network calls: on the embedded engine it holds the
+// only writer.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// SchemaVersion is the version of the record encodings engines write. An
+// engine refuses to open data written with a newer version.
+const SchemaVersion = 1
+
+// Sentinel errors. Engines wrap them with context; callers test with errors.Is.
+var (
+	// ErrNotFound: the record does not exist.
+	ErrNotFound = errors.New("not found")
+	// ErrAlreadyExists: a create found a record with the same key.
+	ErrAlreadyExists = errors.New("already exists")
+	// ErrClosed: the store has been closed.
+	ErrClosed = errors.New("store closed")
+	// ErrSchema: the data was written by an incompatible schema version.
+	ErrSchema = errors.New("incompatible schema version")
+)
+
+// Store is a transactional record store.
+type Store interface {
+	// View runs fn in a read-only transaction with a consistent snapshot.
+	View(ctx context.Context, fn func(ReadTx) error) error
+	// Update runs fn in a read-write transaction and commits it durably
+	// (fsync) when fn returns nil; any error from fn rolls everything back.
+	// fn runs exactly once per call.
+	Update(ctx context.Context, fn func(Tx) error) error
+	// Ready reports whether the store can serve requests.
+	Ready(ctx context.Context) error
+	// Close releases the store. Later calls return ErrClosed.
+	Close() error
+}
+
+// ReadTx reads records. Returned records are copies the caller owns.
+// List methods return at most limit records (limit <= 0 means no limit)
+// in ascending key order, starting after the key `after` ("" = from the start).
+type ReadTx interface {
+	// GetCredential returns ErrNotFound when there is no such credential.
+	GetCredential(name string) (*Credential, error)
+	ListCredentials(after string, limit int) ([]*Credential, error)
+	// GetCredentialVersion returns ErrNotFound when the version does not exist.
+	GetCredentialVersion(name string, version uint64) (*CredentialVersion, error)
+
+	// GetGrant returns ErrNotFound when there is no such grant.
+	GetGrant(id string) (*Grant, error)
+	// ListGrants lists grants ordered by id; credential "" lists all.
+	ListGrants(credential, after string, limit int) ([]*Grant, error)
+
+	// GetAgent returns ErrNotFound for an agent the broker has never recorded.
+	GetAgent(id string) (*Agent, error)
+	ListAgents(after string, limit int) ([]*Agent, error)
+
+	// GetLease returns ErrNotFound when there is no such lease.
+	GetLease(id string) (*Lease, error)
+	// ListLeases lists leases ordered by id, answered from an index when the
+	// filter names an agent, task, grant or credential.
+	ListLeases(f LeaseFilter, after string, limit int) ([]*Lease, error)
+	// ActiveLeasesExpiringBefore lists active leases whose ExpiresAt is at or
+	// before t, soonest first, from the expiry index.
+	ActiveLeasesExpiringBefore(t time.Time, limit int) ([]*Lease, error)
+
+	// QueryAudit returns matching audit records newest first.
+	QueryAudit(q AuditQuery) ([]*AuditRecord, error)
+	// LastAuditSequence is the sequence of the newest audit record, 0 if none.
+	LastAuditSequence() (uint64, error)
+}
+
+// Tx reads and writes records. Writes become visible to other transactions
+// only when Update commits.
+type Tx interface {
+	ReadTx
+	// PutCredential creates or replaces a credential's metadata.
+	PutCredential(c *Credential) error
+	// PutCredentialVersion stores a version; ErrAlreadyExists if it exists.
+	PutCredentialVersion(v *CredentialVersion) error
+	// DeleteCredential removes a credential and all its versions;
+	// ErrNotFound when it does not exist.
+	DeleteCredential(name string) error
+
+	// PutGrant creates or replaces a grant.
+	PutGrant(g *Grant) error
+	// DeleteGrant returns ErrNotFound when there is no such grant.
+	DeleteGrant(id string) error
+
+	// PutAgent creates or replaces an agent.
+	PutAgent(a *Agent) error
+
+	// PutLease creates or replaces a lease and keeps its indexes current:
+	// only active leases are in the expiry index.
+	PutLease(l *Lease) error
+
+	// AppendAudit assigns the record the next sequence number and a time no
+	// earlier than the previous record's, stores it, and returns the sequence.
+	AppendAudit(r *AuditRecord) (uint64, error)
+}
+
+// Credential is a named source of secrets. Secret values are not here: they
+// are in CredentialVersion, sealed.
+type Credential struct {
+	Name        string            `json:"name"`
+	Backend     string            `json:"backend"`
+	Description string            `json:"description,omitempty"`
+	Config      map[string]string `json:"config,omitempty"`
+	// SecretKeys names the fields of the current version, for display.
+	SecretKeys     []string `json:"secret_keys,omitempty"`
+	CurrentVersion uint64   `json:"current_version"`
+	// WrappedKey is the credential's data key, encrypted under the KEK.
+	WrappedKey []byte    `json:"wrapped_key"`
+	CreatedAt  time.Time `json:"created_at"`
+	UpdatedAt  time.Time `json:"updated_at"`
+}
+
+// CredentialVersion is one version of a credential's secret material,
+// encrypted with the credential's data key.
+type CredentialVersion struct {
+	Credential string    `json:"credential"`
+	Version    uint64    `json:"version"`
+	Sealed     []byte    `json:"sealed"`
+	CreatedAt  time.Time `json:"created_at"`
+}
+
+// Grant allows an exact SPIFFE ID, or the IDs under a path prefix, to lease
+// one credential. Exactly one of SpiffeID and SpiffeIDPrefix is set.
+type Grant struct {
+	ID             string        `json:"id"`
+	SpiffeID       string        `json:"spiffe_id,omitempty"`
+	SpiffeIDPrefix string        `json:"spiffe_id_prefix,omitempty"`
+	Credential     string        `json:"credential"`
+	Scopes         []string      `json:"scopes"`
+	MaxTTL         time.Duration `json:"max_ttl"`
+	MaxLifetime    time.Duration `json:"max_lifetime"`
+	Description    string        `json:"description,omitempty"`
+	CreatedAt      time.Time     `json:"created_at"`
+	CreatedBy      string        `json:"created_by"`
+}
+
+// Agent is what the broker knows of one SPIFFE ID.
+type Agent struct {
+	ID            string    `json:"id"`
+	Revoked       bool      `json:"revoked"`
+	RevokedAt     time.Time `json:"revoked_at,omitzero"`
+	RevokedReason string    `json:"revoked_reason,omitempty"`
+	RevokedBy     string    `json:"revoked_by,omitempty"`
+	FirstSeen     time.Time `json:"first_seen,omitzero"`
+	LastSeen      time.Time `json:"last_seen,omitzero"`
+}
+
+// LeaseState is a lease's place in its life; every state but Active is final.
+type LeaseState uint8
+
+const (
+	LeaseActive LeaseState = iota + 1
+	LeaseReleased
+	LeaseExpired
+	LeaseRevoked
+)
+
+func (s LeaseState) String() string {
+	switch s {
+	case LeaseActive:
+		return "active"
+	case LeaseReleased:
+		return "released"
+	case LeaseExpired:
+		return "expired"
+	case LeaseRevoked:
+		return "revoked"
+	}
+	return "unknown"
+}
+
+// Lease is one issuance of a credential to one agent for one task.
+type Lease struct {
+	ID                string        `json:"id"`
+	AgentID           string        `json:"agent_id"`
+	Credential        string        `json:"credential"`
+	Backend           string        `json:"backend"`
+	Scopes            []string      `json:"scopes"`
+	TaskID            string        `json:"task_id"`
+	TaskPurpose       string        `json:"task_purpose,omitempty"`
+	GrantID           string        `json:"grant_id"`
+	State             LeaseState    `json:"state"`
+	TTL               time.Duration `json:"ttl"`
+	IssuedAt          time.Time     `json:"issued_at"`
+	ExpiresAt         time.Time     `json:"expires_at"`
+	MaxExpiresAt      time.Time     `json:"max_expires_at"`
+	EndedAt           time.Time     `json:"ended_at,omitzero"`
+	EndReason         string        `json:"end_reason,omitempty"`
+	CredentialVersion uint64        `json:"credential_version"`
+	// Artifact is the backend's handle on what it created upstream (a role,
+	// a token), sealed under ArtifactKey; empty for static credentials.
+	Artifact    []byte `json:"artifact,omitempty"`
+	ArtifactKey []byte `json:"artifact_key,omitempty"`
+}
+
+// Active reports whether the lease is active and unexpired at now.
+func (l *Lease) Active(now time.Time) bool {
+	return l.State == LeaseActive && now.Before(l.ExpiresAt)
+}
+
+// LeaseFilter selects leases. Empty fields do not filter.
+type LeaseFilter struct {
+	AgentID    string
+	TaskID     string
+	GrantID    string
+	Credential string
+	ActiveOnly bool
+}
+
+// AuditEvent names what an audit record is about.
+type AuditEvent string
+
+const (
+	EventLeaseAcquire     AuditEvent = "lease.acquire"
+	EventLeaseRenew       AuditEvent = "lease.renew"
+	EventLeaseRelease     AuditEvent = "lease.release"
+	EventLeaseExpire      AuditEvent = "lease.expire"
+	EventLeaseRevoke      AuditEvent = "lease.revoke"
+	EventAgentRevoke      AuditEvent = "agent.revoke"
+	EventAgentReinstate   AuditEvent = "agent.reinstate"
+	EventCredentialPut    AuditEvent = "credential.put"
+	EventCredentialDelete AuditEvent = "credential.delete"
+	EventGrantCreate      AuditEvent = "grant.create"
+	EventGrantDelete      AuditEvent = "grant.delete"
+)
+
+// Decision is the outcome an audit record holds.
+type Decision string
+
+const (
+	Allow Decision = "allow"
+	Deny  Decision = "deny"
+)
+
+// AuditRecord is one append-only audit entry. It never holds secret values.
+type AuditRecord struct {
+	Sequence    uint64     `json:"seq"`
+	Time        time.Time  `json:"time"`
+	Event       AuditEvent `json:"event"`
+	Decision    Decision   `json:"decision"`
+	Actor       string     `json:"actor"`
+	AgentID     string     `json:"agent_id,omitempty"`
+	Credential  string     `json:"credential,omitempty"`
+	Scopes      []string   `json:"scopes,omitempty"`
+	TaskID      string     `json:"task_id,omitempty"`
+	TaskPurpose string     `json:"task_purpose,omitempty"`
+	LeaseID     string     `json:"lease_id,omitempty"`
+	GrantID     string     `json:"grant_id,omitempty"`
+	Reason      string     `json:"reason,omitempty"`
+	RequestID   string     `json:"request_id,omitempty"`
+	Code        string     `json:"code,omitempty"`
+}
+
+// AuditQuery selects audit records. Empty fields do not filter. Records are
+// returned newest first, beginning below BeforeSequence when it is non-zero.
+type AuditQuery struct {
+	AgentID        string
+	Credential     string
+	TaskID         string
+	Decision       Decision
+	Start          time.Time // inclusive; zero = unbounded
+	End            time.Time // exclusive; zero = unbounded
+	BeforeSequence uint64
+	Limit          int
+}
