@@ -1,0 +1,98 @@
+package server_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffegrpc/grpccredentials"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/leasehold/leasehold/identity"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+)
+
+// Clients the broker must not let in: the handshake fails (Unavailable on
+// the client) or the call is Unauthenticated, and nothing is recorded.
+func TestHostileClientsAreRefused(t *testing.T) {
+	e := newEnv(t)
+	e.putStatic("crm/salesforce", map[string]string{"api_key": "k"})
+	_, err := e.admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+		Subject:    &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: "spiffe://leasehold.test"},
+		Credential: "crm/salesforce", Scopes: []string{"read"},
+	}})
+	require.NoError(t, err)
+
+	otherTD := spiffeid.RequireTrustDomainFromString("evil.example")
+	otherCA, err := identity.NewDevCA(otherTD)
+	require.NoError(t, err)
+	lookalikeCA, err := identity.NewDevCA(td) // same trust domain name, different key
+	require.NoError(t, err)
+	issue := func(ca *identity.DevCA, id string, opts identity.SVIDOptions) *x509svid.SVID {
+		s, err := ca.Issue(spiffeid.RequireFromString(id), opts)
+		require.NoError(t, err)
+		return s
+	}
+	// The client trusts the real broker, so only the server can refuse.
+	mtls := func(svid *x509svid.SVID) credentials.TransportCredentials {
+		return grpccredentials.MTLSClientCredentials(svid, e.ca.Bundle(), tlsconfig.AuthorizeAny())
+	}
+	cases := map[string]credentials.TransportCredentials{
+		"no client certificate": grpccredentials.TLSClientCredentials(e.ca.Bundle(), tlsconfig.AuthorizeAny()),
+		"another trust domain":  mtls(issue(otherCA, "spiffe://evil.example/agents/agent-1", identity.SVIDOptions{})),
+		"self-signed lookalike": mtls(issue(lookalikeCA, agent1ID, identity.SVIDOptions{})),
+		"expired":               mtls(e.svid(agent1ID, identity.SVIDOptions{NotBefore: time.Now().Add(-2 * time.Hour), TTL: time.Hour})),
+		"not yet valid":         mtls(e.svid(agent1ID, identity.SVIDOptions{NotBefore: time.Now().Add(time.Hour), TTL: time.Hour})),
+		"plain TLS client cert without SPIFFE ID": credentials.NewTLS(&tls.Config{
+			InsecureSkipVerify: true, // the test is about the server side
+			Certificates:       []tls.Certificate{selfSignedNoURI(t)},
+		}),
+	}
+	// Control: the same construction with a good SVID gets through.
+	good, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(mtls(e.svid(agent1ID, identity.SVIDOptions{}))))
+	require.NoError(t, err)
+	defer good.Close()
+	_, err = leaseholdv1.NewBrokerServiceClient(good).WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{})
+	require.NoError(t, err)
+
+	before := e.snapshot()
+	for name, creds := range cases {
+		t.Run(name, func(t *testing.T) {
+			conn, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(creds))
+			require.NoError(t, err)
+			defer conn.Close()
+			_, err = leaseholdv1.NewBrokerServiceClient(conn).AcquireLease(ctx, acquireReq("crm/salesforce", "t", "read"))
+			require.Error(t, err)
+			code := status.Code(err)
+			require.Contains(t, []codes.Code{codes.Unavailable, codes.Unauthenticated}, code, "got %v", err)
+		})
+	}
+	require.Equal(t, before, e.snapshot(), "no hostile call reached the store")
+}
+
+func selfSignedNoURI(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "agent-1"},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	require.NoError(t, err)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
