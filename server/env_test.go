@@ -43,7 +43,7 @@ const (
 // clock is a movable clock for the broker.
 type clock struct{ off atomic.Int64 }
 
-func (c *clock) Now() time.Time            { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *clock) Now() time.Time          { return time.Now().Add(time.Duration(c.off.Load())) }
 func (c *clock) Advance(d time.Duration) { c.off.Add(int64(d)) }
 
 // faultStore wraps the real store to inject audit write failures.

@@ -1,0 +1,266 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// The end-to-end tests run the built leasehold binary as users do.
+
+var leaseholdBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "leasehold-e2e")
+	if err != nil {
+		panic(err)
+	}
+	leaseholdBin = filepath.Join(dir, "leasehold")
+	if out, err := exec.Command("go", "build", "-o", leaseholdBin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build leasehold: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// grpcurlPath finds the pinned grpcurl (make tools). In CI a missing tool
+// fails the test instead of skipping it.
+func grpcurlPath(t *testing.T) string {
+	t.Helper()
+	candidates := []string{os.Getenv("LEASEHOLD_GRPCURL"), "../../bin/grpcurl"}
+	for _, c := range candidates {
+		if c == "" {
+			continue
+		}
+		if abs, err := filepath.Abs(c); err == nil {
+			if _, err := os.Stat(abs); err == nil {
+				return abs
+			}
+		}
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("grpcurl not found: run 'make tools' (CI must not skip this test)")
+	}
+	t.Skip("grpcurl not found; run 'make tools'")
+	return ""
+}
+
+// startProcess starts the binary with its stdout and stderr captured; the
+// process is stopped with SIGTERM at cleanup and must exit cleanly.
+func startProcess(t *testing.T, dir string, args ...string) (*exec.Cmd, *lockedBuffer, *lockedBuffer) {
+	t.Helper()
+	cmd := exec.Command(leaseholdBin, args...)
+	cmd.Dir = dir
+	stdout, stderr := &lockedBuffer{}, &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			require.NoError(t, err, "the broker exits cleanly on SIGTERM; log:\n%s", stderr.String())
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			t.Error("broker did not stop on SIGTERM")
+		}
+	})
+	return cmd, stdout, stderr
+}
+
+var devReadyRE = regexp.MustCompile(`Leasehold dev broker on (\S+) `)
+
+// startDev runs `leasehold dev` in dir on a free port and returns host:port.
+func startDev(t *testing.T, dir, devDir string) string {
+	t.Helper()
+	_, stdout, stderr := startProcess(t, dir, "dev", "--dir", devDir, "--listen", "127.0.0.1:0")
+	var addr string
+	require.Eventually(t, func() bool {
+		if m := devReadyRE.FindStringSubmatch(stdout.String()); m != nil {
+			addr = m[1]
+			return true
+		}
+		return false
+	}, 20*time.Second, 20*time.Millisecond, "dev broker did not start:\n%s", stderr)
+	return addr
+}
+
+func quickstartBlock(t *testing.T) string {
+	t.Helper()
+	readme, err := os.ReadFile("../../README.md")
+	require.NoError(t, err)
+	s := string(readme)
+	begin, end := strings.Index(s, "<!-- quickstart-begin -->"), strings.Index(s, "<!-- quickstart-end -->")
+	require.True(t, begin >= 0 && end > begin, "README quickstart markers missing")
+	block := s[begin:end]
+	block = block[strings.Index(block, "```sh\n")+len("```sh\n"):]
+	return block[:strings.LastIndex(block, "```")]
+}
+
+// TestReadmeQuickstart runs the README's grpcurl quickstart verbatim (only
+// the port is changed) against `leasehold dev`.
+func TestReadmeQuickstart(t *testing.T) {
+	grpcurl := grpcurlPath(t)
+	dir := t.TempDir()
+	addr := startDev(t, dir, ".leasehold-dev")
+	_, port, _ := strings.Cut(addr, ":")
+	script := strings.ReplaceAll(quickstartBlock(t), "localhost:8443", "localhost:"+port)
+
+	cmd := exec.Command("bash", "-c", script)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(grpcurl)+":"+os.Getenv("PATH"))
+	out, _ := cmd.CombinedOutput() // two commands are meant to fail
+	got := string(out)
+
+	// In order: services, the credential, the grant, the lease with its
+	// secret, agent-2 denied, the revocation, agent-1 denied, the audit trail.
+	expect := []string{
+		"grpc.health.v1.Health", "leasehold.v1.AdminService", "leasehold.v1.BrokerService",
+		`"currentVersion": "1"`,
+		`"spiffeId": "spiffe://leasehold.dev/agents/agent-1"`,
+		`"api_key": "sk-live-123"`,
+		"Code: PermissionDenied", "no grant allows spiffe://leasehold.dev/agents/agent-2",
+		`"leasesRevoked": 1`,
+		"Code: PermissionDenied", "spiffe://leasehold.dev/agents/agent-1 is revoked",
+		"AUDIT_EVENT_AGENT_REVOKE", "AUDIT_EVENT_LEASE_REVOKE", "AUDIT_EVENT_LEASE_ACQUIRE",
+	}
+	rest := got
+	for _, want := range expect {
+		i := strings.Index(rest, want)
+		require.GreaterOrEqual(t, i, 0, "expected %q after what came before; output:\n%s", want, got)
+		rest = rest[i+len(want):]
+	}
+	require.Equal(t, 2, strings.Count(got, "ERROR:"), "exactly the two denials fail; output:\n%s", got)
+}
+
+func TestDemoScript(t *testing.T) {
+	dir := t.TempDir()
+	cmd := exec.Command("bash", "../../scripts/demo.sh")
+	cmd.Env = append(os.Environ(), "LEASEHOLD="+leaseholdBin, "DEMO_DIR="+filepath.Join(dir, "demo"))
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	for _, want := range []string{"the leased key is the stored one", "LEASE_STATE_RELEASED",
+		"PermissionDenied", "lease_acquire   allow", "lease_release   allow", "lease_acquire   deny"} {
+		require.Contains(t, string(out), want)
+	}
+	key, err := os.ReadFile(filepath.Join(dir, "demo", "crm-api-key"))
+	require.NoError(t, err)
+	require.NotContains(t, string(out), strings.TrimSpace(string(key)), "the demo never prints the secret")
+	log, err := os.ReadFile(filepath.Join(dir, "demo", "broker.log"))
+	require.NoError(t, err)
+	require.NotContains(t, string(log), strings.TrimSpace(string(key)), "nor does the broker log")
+}
+
+// TestServeWithConfigFile runs `leasehold serve --config` on the files a dev
+// setup writes, and checks the CLI against it.
+func TestServeWithConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	dev := filepath.Join(dir, "dev")
+	cfg, err := prepareDev(dev, "example.org", "127.0.0.1:0")
+	require.NoError(t, err)
+	conf := fmt.Sprintf(`listen: 127.0.0.1:0
+trust_domain: example.org
+admins: [spiffe://example.org/admin]
+identity:
+  cert_file: %s
+  key_file: %s
+  bundle_file: %s
+store:
+  engine: bolt
+  path: %s
+kek_file: %s
+log:
+  format: json
+`, cfg.Identity.CertFile, cfg.Identity.KeyFile, cfg.Identity.BundleFile, filepath.Join(dir, "data", "leasehold.db"), cfg.KEKFile)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "leasehold.yaml"), []byte(conf), 0o600))
+
+	_, _, stderr := startProcess(t, dir, "serve", "--config", "leasehold.yaml", "--log-level", "debug")
+	var addr string
+	require.Eventually(t, func() bool {
+		sc := bufio.NewScanner(strings.NewReader(stderr.String()))
+		for sc.Scan() {
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "leasehold serving" {
+				addr = line.Addr
+				return true
+			}
+		}
+		return false
+	}, 20*time.Second, 20*time.Millisecond, "serve did not start:\n%s", stderr)
+
+	cli := func(as string, args ...string) (string, error) {
+		all := append([]string{"--addr", addr, "--dev-dir", dev, "--as", as}, args...)
+		out, err := exec.Command(leaseholdBin, all...).CombinedOutput()
+		return string(out), err
+	}
+	out, err := cli("admin", "health")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "SERVING")
+	out, err = cli("admin", "credential", "put", "db/analytics", "--set", "password=pw-1")
+	require.NoError(t, err, out)
+	out, err = cli("admin", "grant", "create", "--credential", "db/analytics", "--spiffe-id-prefix", "spiffe://example.org/agents", "--scopes", "read")
+	require.NoError(t, err, out)
+	out, err = cli("agent-2", "acquire", "db/analytics", "--scopes", "read", "--task", "t-9", "--format", "env")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "PASSWORD='pw-1'")
+	out, err = cli("agent-1", "agent", "list")
+	require.Error(t, err)
+	require.Contains(t, out, "PermissionDenied")
+	out, err = cli("admin", "audit", "query", "--agent", "spiffe://example.org/agents/agent-2", "--format", "json")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "AUDIT_EVENT_LEASE_ACQUIRE")
+	require.Contains(t, out, "t-9")
+	require.NotContains(t, stderr.String(), "pw-1", "the log never holds a secret")
+}
+
+func TestServeRejectsBadConfig(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "bad.yaml"), []byte("listen: x\nlisten_port: 1\n"), 0o600))
+	cmd := exec.Command(leaseholdBin, "serve", "--config", "bad.yaml")
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(out), "field listen_port not found")
+
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "kek"), []byte("x"), 0o644))
+	cmd = exec.Command(leaseholdBin, "serve", "--trust-domain", "x.org", "--admins", "spiffe://x.org/a", "--kek-file", "kek", "--cert-file", "c", "--key-file", "k", "--bundle-file", "b")
+	cmd.Dir = dir
+	out, err = cmd.CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(out), "chmod 600", "a KEK readable by others is refused")
+}
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+var _ io.Writer = (*lockedBuffer)(nil)

@@ -1,0 +1,86 @@
+package identity_test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+
+	"github.com/leasehold/leasehold/identity"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("leasehold.test")
+
+func TestFileSourceReloadsRotatedFiles(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := identity.LoadOrCreateDevCA(dir, td)
+	require.NoError(t, err)
+	cert, key, bundle := filepath.Join(dir, "a.pem"), filepath.Join(dir, "a-key.pem"), filepath.Join(dir, "bundle.pem")
+	require.NoError(t, identity.WriteBundle(ca.Bundle(), bundle))
+	id := spiffeid.RequireFromString("spiffe://leasehold.test/agents/a")
+	first, err := ca.Issue(id, identity.SVIDOptions{})
+	require.NoError(t, err)
+	require.NoError(t, identity.WriteSVID(first, cert, key))
+	st, err := os.Stat(key)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), st.Mode().Perm(), "private keys are written 0600")
+
+	src, err := identity.NewFileSource(identity.FileConfig{CertFile: cert, KeyFile: key, BundleFile: bundle, ReloadInterval: 10 * time.Millisecond})
+	require.NoError(t, err)
+	defer src.Close()
+	got, err := src.GetX509SVID()
+	require.NoError(t, err)
+	require.Equal(t, first.Certificates[0].SerialNumber, got.Certificates[0].SerialNumber)
+	b, err := src.GetX509BundleForTrustDomain(td)
+	require.NoError(t, err)
+	require.Len(t, b.X509Authorities(), 1)
+	_, err = src.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.org"))
+	require.Error(t, err)
+
+	// A broken write is ignored; the previous SVID stays.
+	require.NoError(t, os.WriteFile(cert, []byte("garbage"), 0o644))
+	time.Sleep(50 * time.Millisecond)
+	got, err = src.GetX509SVID()
+	require.NoError(t, err)
+	require.Equal(t, first.Certificates[0].SerialNumber, got.Certificates[0].SerialNumber)
+
+	second, err := ca.Issue(id, identity.SVIDOptions{})
+	require.NoError(t, err)
+	require.NoError(t, identity.WriteSVID(second, cert, key))
+	require.Eventually(t, func() bool {
+		got, err := src.GetX509SVID()
+		return err == nil && got.Certificates[0].SerialNumber.Cmp(second.Certificates[0].SerialNumber) == 0
+	}, 5*time.Second, 10*time.Millisecond, "rotated files are picked up without a restart")
+}
+
+func TestDevCAIsReusedAcrossStarts(t *testing.T) {
+	dir := t.TempDir()
+	a, err := identity.LoadOrCreateDevCA(dir, td)
+	require.NoError(t, err)
+	b, err := identity.LoadOrCreateDevCA(dir, td)
+	require.NoError(t, err)
+	require.True(t, a.Bundle().Equal(b.Bundle()), "a restarted dev broker keeps its CA")
+	c, err := identity.LoadOrCreateDevCA(dir, spiffeid.RequireTrustDomainFromString("other.test"))
+	require.NoError(t, err)
+	require.False(t, a.Bundle().X509Authorities()[0].Equal(c.Bundle().X509Authorities()[0]))
+	st, err := os.Stat(filepath.Join(dir, "ca-key.pem"))
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), st.Mode().Perm())
+
+	_, err = a.Issue(spiffeid.RequireFromString("spiffe://other.test/x"), identity.SVIDOptions{})
+	require.Error(t, err, "a CA signs only its own trust domain")
+}
+
+func TestAdminSet(t *testing.T) {
+	s, err := identity.NewAdminSet(td, []string{"spiffe://leasehold.test/admin"})
+	require.NoError(t, err)
+	require.True(t, s.IsAdmin(spiffeid.RequireFromString("spiffe://leasehold.test/admin")))
+	require.False(t, s.IsAdmin(spiffeid.RequireFromString("spiffe://leasehold.test/admin/sub")))
+	_, err = identity.NewAdminSet(td, []string{"spiffe://other.test/admin"})
+	require.ErrorContains(t, err, "not in trust domain")
+	_, err = identity.NewAdminSet(td, []string{"admin"})
+	require.Error(t, err)
+}
