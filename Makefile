@@ -7,7 +7,7 @@ PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
 GO_TEST     ?= go test -race -count=1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help tools build generate generate-check lint breaking test test-go bench demo clean
+.PHONY: help tools build generate generate-check lint breaking test test-go bench fuzz demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -49,8 +49,13 @@ test: tools generate-check lint test-go ## every check and test (what CI runs)
 test-go: tools ## go test -race over every package
 	LEASEHOLD_GRPCURL=$(BIN)/grpcurl $(GO_TEST) ./...
 
-bench: ## store and broker benchmarks
-	go test -run '^$$' -bench . -benchmem ./store/... ./server/...
+bench: ## broker and store benchmarks (figures in docs/benchmarks.md)
+	go test -run '^$$' -bench . -benchmem -cpu 2,8,32 ./server/
+
+FUZZTIME ?= 30s
+fuzz: ## run every fuzz target for FUZZTIME each
+	@for f in $$(go test -list '^Fuzz' ./server/ | grep ^Fuzz); do \
+		echo "== $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./server/; done
 
 demo: build ## dev broker, an agent acquiring/using/releasing a lease, the audit trail
 	LEASEHOLD=$(BIN)/leasehold scripts/demo.sh

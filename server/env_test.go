@@ -87,7 +87,7 @@ func (b *syncBuffer) String() string {
 
 // env is a broker on loopback with real mTLS and a real bolt file.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	ca     *identity.DevCA
 	keyr   *seal.Keyring
@@ -104,7 +104,7 @@ type env struct {
 	agent1, agent2 leaseholdv1.BrokerServiceClient
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	ca, err := identity.NewDevCA(td)
 	require.NoError(t, err)

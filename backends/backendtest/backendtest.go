@@ -1,0 +1,77 @@
+// Package backendtest is the conformance suite every backend passes.
+package backendtest
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/leasehold/leasehold/backends"
+)
+
+// Case gives the suite a working credential for the backend under test.
+type Case struct {
+	Backend backends.Backend
+	// Spec is a valid credential; its secret values should be canaries.
+	Spec backends.Spec
+	// Scopes the backend can mint for Spec.
+	Scopes []string
+	// Dynamic backends mint a distinct upstream credential per lease and
+	// return an artifact; static ones return the stored secret.
+	Dynamic bool
+}
+
+// Run runs the suite.
+func Run(t *testing.T, c Case) {
+	ctx := context.Background()
+	t.Run("ValidateAcceptsTheSpec", func(t *testing.T) {
+		require.NoError(t, c.Backend.Validate(c.Spec))
+	})
+	t.Run("ValidateErrorsWrapErrInvalidConfigAndHideSecrets", func(t *testing.T) {
+		bad := backends.Spec{Name: c.Spec.Name, Config: map[string]string{"not_a_setting": "x"}}
+		err := c.Backend.Validate(bad)
+		require.ErrorIs(t, err, backends.ErrInvalidConfig)
+		for _, v := range c.Spec.Secret {
+			require.NotContains(t, err.Error(), string(v))
+		}
+	})
+	t.Run("IssueRenewRevoke", func(t *testing.T) {
+		exp := time.Now().Add(time.Minute)
+		req := func(id string) backends.IssueRequest {
+			return backends.IssueRequest{Spec: c.Spec, LeaseID: id, AgentID: "spiffe://t/a", TaskID: "t", Scopes: c.Scopes, ExpiresAt: exp}
+		}
+		a, err := c.Backend.Issue(ctx, req("ls_a"))
+		require.NoError(t, err)
+		require.NotEmpty(t, a.Secret)
+		require.True(t, a.ExpiresAt.IsZero() || !a.ExpiresAt.After(exp), "a backend may shorten a lease, never lengthen it")
+		b, err := c.Backend.Issue(ctx, req("ls_b"))
+		require.NoError(t, err)
+		if c.Dynamic {
+			require.NotEmpty(t, a.Artifact)
+			require.NotEqual(t, fmt.Sprint(a.Secret), fmt.Sprint(b.Secret), "each lease gets its own credential")
+		} else {
+			require.Empty(t, a.Artifact)
+			require.Equal(t, len(c.Spec.Secret), len(a.Secret))
+			for k, v := range c.Spec.Secret {
+				require.Equal(t, v, a.Secret[k])
+			}
+			// The returned secret is a copy: clearing it must not touch the spec.
+			for _, v := range a.Secret {
+				clear(v)
+			}
+			for k, v := range c.Spec.Secret {
+				require.NotEqual(t, strings.Repeat("\x00", len(v)), string(v), k)
+			}
+		}
+		ref := backends.LeaseRef{Spec: c.Spec, LeaseID: "ls_b", Artifact: b.Artifact}
+		got, err := c.Backend.Renew(ctx, ref, exp.Add(time.Minute))
+		require.NoError(t, err)
+		require.False(t, got.After(exp.Add(time.Minute)))
+		require.NoError(t, c.Backend.Revoke(ctx, ref))
+		require.NoError(t, c.Backend.Revoke(ctx, ref), "revoke is idempotent")
+	})
+}
