@@ -35,14 +35,6 @@ func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCr
 	if err := validCredentialName("name", name); err != nil {
 		return nil, err
 	}
-	backendName := req.GetBackend()
-	if backendName == "" {
-		backendName = "static"
-	}
-	backend, err := s.backends.Lookup(backendName)
-	if err != nil {
-		return nil, errInvalid("backend", "%q is not a backend of this broker (valid: %v)", truncate(backendName, 64), s.backends.Names())
-	}
 	if err := validText("description", req.GetDescription()); err != nil {
 		return nil, err
 	}
@@ -56,7 +48,7 @@ func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCr
 	// Read what exists, validate the result with the backend, then write.
 	var existing *store.Credential
 	var current map[string][]byte
-	err = s.store.View(ctx, func(tx store.ReadTx) error {
+	err := s.store.View(ctx, func(tx store.ReadTx) error {
 		c, err := tx.GetCredential(name)
 		if errors.Is(err, store.ErrNotFound) {
 			return nil
@@ -81,6 +73,18 @@ func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCr
 	defer clearSecret(current)
 	if existing == nil && len(req.GetSecret()) == 0 {
 		return nil, errInvalid("secret", "is required for a new credential")
+	}
+	// An omitted backend keeps the credential's own, or is static for a new one.
+	backendName := req.GetBackend()
+	switch {
+	case backendName == "" && existing != nil:
+		backendName = existing.Backend
+	case backendName == "":
+		backendName = "static"
+	}
+	backend, err := s.backends.Lookup(backendName)
+	if err != nil {
+		return nil, errInvalid("backend", "%q is not a backend of this broker (valid: %v)", truncate(backendName, 64), s.backends.Names())
 	}
 	if existing != nil && existing.Backend != backendName {
 		return nil, errPrecondition("backend: credential %q uses %q; delete it to change to %q", name, existing.Backend, backendName)

@@ -360,3 +360,14 @@ func TestCanarySecretNeverAtRestOrInTelemetry(t *testing.T) {
 	require.NotContains(t, string(db), "CANARY", "the store file holds only ciphertext")
 	require.Contains(t, string(db), "crm/salesforce", "sanity: the file is the one that was written")
 }
+
+func TestPutWithoutBackendKeepsTheCredentialsBackend(t *testing.T) {
+	e := newEnv(t)
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/dyn", Backend: "recording", Secret: map[string]string{"p": "x"}})
+	require.NoError(t, err)
+	resp, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/dyn", Description: "d"})
+	require.NoError(t, err)
+	require.Equal(t, "recording", resp.GetCredential().GetBackend())
+	_, err = e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/dyn", Backend: "static", Secret: map[string]string{"p": "x"}})
+	requireCode(t, err, codes.FailedPrecondition, "backend:")
+}

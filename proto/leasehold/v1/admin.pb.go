@@ -22,10 +22,13 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// PutCredentialRequest replaces a credential's description and config with
+// the ones given.
 type PutCredentialRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// Defaults to "static".
+	// Empty keeps an existing credential's backend; "static" for a new one.
+	// A credential cannot change backend: delete and re-create it.
 	Backend     string            `protobuf:"bytes,2,opt,name=backend,proto3" json:"backend,omitempty"`
 	Description string            `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
 	Config      map[string]string `protobuf:"bytes,4,rep,name=config,proto3" json:"config,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
