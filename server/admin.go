@@ -377,12 +377,15 @@ func (a *adminService) DeleteGrant(ctx context.Context, req *leaseholdv1.DeleteG
 
 // ---- agents ----
 
-func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeAgentRequest) (*leaseholdv1.RevokeAgentResponse, error) {
+func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeAgentRequest) (_ *leaseholdv1.RevokeAgentResponse, err error) {
 	s := a.s
 	id, err := validSpiffeID("spiffe_id", req.GetSpiffeId(), s.cfg.TrustDomain)
 	if err != nil {
 		return nil, err
 	}
+	ctx, span := s.startSpan(ctx, "agent.revoke", attrAgent.String(id.String()))
+	var ended []*store.Lease
+	defer func() { span.SetAttributes(attrCount.Int(len(ended))); endSpan(span, err) }()
 	if req.GetReason() == "" {
 		return nil, errInvalid("reason", "is required: it is recorded in the audit trail")
 	}
@@ -391,7 +394,6 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 	}
 	now := s.now()
 	var agent *store.Agent
-	var ended []*store.Lease
 	// One transaction: the revocation, the end of every active lease and
 	// their audit records are durable together before the call returns.
 	err = s.store.Update(ctx, func(tx store.Tx) error {

@@ -16,6 +16,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -100,6 +102,7 @@ type env struct {
 	addr   string
 	served chan error
 
+	spans          *tracetest.SpanRecorder
 	admin          leaseholdv1.AdminServiceClient
 	agent1, agent2 leaseholdv1.BrokerServiceClient
 }
@@ -114,7 +117,7 @@ func newEnv(t testing.TB) *env {
 	require.NoError(t, err)
 	admins, err := identity.NewAdminSet(td, []string{adminID})
 	require.NoError(t, err)
-	e := &env{t: t, dir: dir, ca: ca, keyr: keyr, clock: &clock{}, logs: &syncBuffer{},
+	e := &env{t: t, dir: dir, ca: ca, keyr: keyr, clock: &clock{}, logs: &syncBuffer{}, spans: tracetest.NewSpanRecorder(),
 		cfg: server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 20 * time.Millisecond}}
 	e.start()
 	t.Cleanup(e.stop)
@@ -158,7 +161,8 @@ func (e *env) start() {
 		Store: e.store, Backends: reg, Keyring: e.keyr,
 		Credentials: identity.ServerCredentials(brokerSrc, td),
 		Logger:      slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Now:         e.clock.Now,
+		Now:            e.clock.Now,
+		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans)),
 	})
 	require.NoError(t, err)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

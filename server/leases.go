@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/grpc/codes"
 
 	"github.com/leasehold/leasehold/backends"
@@ -125,9 +126,12 @@ func clearSecret(m map[string][]byte) {
 	}
 }
 
-func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leaseholdv1.AcquireLeaseRequest, ttl time.Duration) (*leaseholdv1.AcquireLeaseResponse, error) {
+func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leaseholdv1.AcquireLeaseRequest, ttl time.Duration) (_ *leaseholdv1.AcquireLeaseResponse, err error) {
 	now := s.now()
 	agent := caller.String()
+	ctx, span := s.startSpan(ctx, "lease.acquire", attrAgent.String(agent), attrCredential.String(req.GetCredential()),
+		attrScopes.StringSlice(req.GetScopes()), attrTask.String(req.GetTask().GetId()))
+	defer func() { endSpan(span, err) }()
 	rec := &store.AuditRecord{
 		Event: store.EventLeaseAcquire, AgentID: agent, Credential: req.GetCredential(),
 		Scopes: req.GetScopes(), TaskID: req.GetTask().GetId(), TaskPurpose: req.GetTask().GetPurpose(),
@@ -139,7 +143,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		grant   *store.Grant
 		denial  error
 	)
-	err := s.store.View(ctx, func(tx store.ReadTx) error {
+	err = s.store.View(ctx, func(tx store.ReadTx) error {
 		if denial = checkAgentActive(tx, agent); denial != nil {
 			return nil
 		}
@@ -191,10 +195,13 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		GrantID: grant.ID, State: store.LeaseActive, TTL: ttl, IssuedAt: now,
 		ExpiresAt: expires, MaxExpiresAt: maxExpires, CredentialVersion: version.Version,
 	}
+	span.SetAttributes(attrLease.String(lease.ID))
 	spec := backends.Spec{Name: cred.Name, Config: cred.Config, Secret: secret}
-	issued, err := backend.Issue(ctx, backends.IssueRequest{
+	bctx, bspan := s.startSpan(ctx, "backend.issue", attribute.String("leasehold.backend", cred.Backend))
+	issued, err := backend.Issue(bctx, backends.IssueRequest{
 		Spec: spec, LeaseID: lease.ID, AgentID: agent, TaskID: lease.TaskID, Scopes: lease.Scopes, ExpiresAt: expires,
 	})
+	endSpan(bspan, err)
 	if err != nil {
 		return nil, fmt.Errorf("backend %s issue for %q: %w", cred.Backend, cred.Name, err)
 	}
@@ -218,7 +225,8 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	// Commit the lease and its audit record together. The writer re-checks
 	// what a concurrent RevokeAgent or DeleteGrant may have changed since the
 	// read above; the secret leaves only after this commit is durable.
-	err = s.store.Update(ctx, func(tx store.Tx) error {
+	cctx, cspan := s.startSpan(ctx, "store.commit")
+	err = s.store.Update(cctx, func(tx store.Tx) error {
 		if err := checkAgentActive(tx, agent); err != nil {
 			return err
 		}
@@ -236,6 +244,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		}
 		return appendAudit(ctx, tx, rec)
 	})
+	endSpan(cspan, err)
 	if err != nil {
 		s.revokeUpstream(ctx, []*store.Lease{lease}, spec)
 		var ae *apiError
@@ -267,13 +276,15 @@ func ownedLease(tx store.ReadTx, id string, caller spiffeid.ID) (*store.Lease, e
 	return l, nil
 }
 
-func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl time.Duration) (*store.Lease, error) {
+func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl time.Duration) (_ *store.Lease, err error) {
 	now := s.now()
+	ctx, span := s.startSpan(ctx, "lease.renew", attrAgent.String(caller.String()), attrLease.String(id))
+	defer func() { endSpan(span, err) }()
 	rec := &store.AuditRecord{Event: store.EventLeaseRenew, AgentID: caller.String(), LeaseID: id}
 	var lease *store.Lease
 	var grant *store.Grant
 	var denial error
-	err := s.store.View(ctx, func(tx store.ReadTx) error {
+	err = s.store.View(ctx, func(tx store.ReadTx) error {
 		l, err := ownedLease(tx, id, caller)
 		if l != nil {
 			rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose = l.Credential, l.Scopes, l.TaskID, l.TaskPurpose
@@ -359,12 +370,14 @@ func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl t
 	return out, nil
 }
 
-func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (*store.Lease, error) {
+func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ *store.Lease, err error) {
 	now := s.now()
+	ctx, span := s.startSpan(ctx, "lease.release", attrAgent.String(caller.String()), attrLease.String(id))
+	defer func() { endSpan(span, err) }()
 	rec := &store.AuditRecord{Event: store.EventLeaseRelease, AgentID: caller.String(), LeaseID: id}
 	var out *store.Lease
 	var ended []*store.Lease
-	err := s.store.Update(ctx, func(tx store.Tx) error {
+	err = s.store.Update(ctx, func(tx store.Tx) error {
 		l, err := ownedLease(tx, id, caller)
 		if l != nil {
 			rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose, rec.GrantID = l.Credential, l.Scopes, l.TaskID, l.TaskPurpose, l.GrantID
@@ -486,7 +499,7 @@ func (s *Server) renewUpstream(ctx context.Context, l *store.Lease, expires time
 
 // reapOnce ends up to batch active leases that have expired and reports how
 // many it ended.
-func (s *Server) reapOnce(ctx context.Context, batch int) (int, error) {
+func (s *Server) reapOnce(ctx context.Context, batch int) (n int, err error) {
 	now := s.now()
 	var due []*store.Lease
 	if err := s.store.View(ctx, func(tx store.ReadTx) error {
@@ -496,8 +509,10 @@ func (s *Server) reapOnce(ctx context.Context, batch int) (int, error) {
 	}); err != nil || len(due) == 0 {
 		return 0, err
 	}
+	ctx, span := s.startSpan(ctx, "lease.reap")
+	defer func() { span.SetAttributes(attrCount.Int(n)); endSpan(span, err) }()
 	var ended []*store.Lease
-	err := s.store.Update(ctx, func(tx store.Tx) error {
+	err = s.store.Update(ctx, func(tx store.Tx) error {
 		ended = ended[:0]
 		for _, d := range due {
 			l, err := tx.GetLease(d.ID)

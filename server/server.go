@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -98,6 +100,9 @@ type Deps struct {
 	Logger      *slog.Logger
 	// Now is the clock; tests may move it. Default time.Now.
 	Now func() time.Time
+	// TracerProvider receives the broker's spans. Default: the global
+	// provider (a no-op unless the program installs one).
+	TracerProvider trace.TracerProvider
 }
 
 // Server is a configured broker.
@@ -108,6 +113,7 @@ type Server struct {
 	keyring  *seal.Keyring
 	log      *slog.Logger
 	now      func() time.Time
+	tracer   trace.Tracer
 	grpc     *grpc.Server
 	health   *health.Server
 
@@ -131,10 +137,14 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.Now == nil {
 		deps.Now = time.Now
 	}
+	if deps.TracerProvider == nil {
+		deps.TracerProvider = otel.GetTracerProvider()
+	}
 	s := &Server{
 		cfg: cfg, store: deps.Store, backends: deps.Backends, keyring: deps.Keyring,
 		log: deps.Logger, now: deps.Now, stop: make(chan struct{}),
 		health: health.NewServer(),
+		tracer: deps.TracerProvider.Tracer(instrumentationName),
 	}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(deps.Credentials),

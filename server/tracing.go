@@ -1,0 +1,52 @@
+package server
+
+import (
+	"context"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// instrumentationName names the server's tracer.
+const instrumentationName = "github.com/leasehold/leasehold/server"
+
+// Span attributes. Values are ids and names, never secret material.
+const (
+	attrAgent      = attribute.Key("leasehold.agent.id")
+	attrCredential = attribute.Key("leasehold.credential")
+	attrScopes     = attribute.Key("leasehold.scopes")
+	attrTask       = attribute.Key("leasehold.task.id")
+	attrLease      = attribute.Key("leasehold.lease.id")
+	attrDecision   = attribute.Key("leasehold.decision")
+	attrCode       = attribute.Key("rpc.grpc.status_code_name")
+	attrCount      = attribute.Key("leasehold.leases.count")
+)
+
+// startSpan opens a span for one lease-manager operation.
+func (s *Server) startSpan(ctx context.Context, name string, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
+	return s.tracer.Start(ctx, name, trace.WithAttributes(attrs...))
+}
+
+// endSpan records the outcome. Only the code and our own message (which
+// never holds secrets) are recorded, never a wrapped cause.
+func endSpan(span trace.Span, err error) {
+	code := codeOf(err)
+	span.SetAttributes(attrCode.String(code.String()))
+	if err != nil {
+		decision := "error"
+		if isDenied(err) {
+			decision = "deny"
+		}
+		span.SetAttributes(attrDecision.String(decision))
+		msg := code.String()
+		var ae *apiError
+		if asAPIError(err, &ae) {
+			msg = ae.msg
+		}
+		span.SetStatus(codes.Error, msg)
+	} else {
+		span.SetAttributes(attrDecision.String("allow"))
+	}
+	span.End()
+}
