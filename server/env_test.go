@@ -159,8 +159,8 @@ func (e *env) start() {
 	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,
-		Credentials: identity.ServerCredentials(brokerSrc, td),
-		Logger:      slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Credentials:    identity.ServerCredentials(brokerSrc, td),
+		Logger:         slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Now:            e.clock.Now,
 		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans)),
 	})
