@@ -6,6 +6,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/leasehold/leasehold/identity"
+	"github.com/leasehold/leasehold/store"
 )
 
 // access says who may call an RPC.
@@ -59,14 +60,20 @@ func (s *Server) authorize(ctx context.Context, fullMethod string) (context.Cont
 	if id.TrustDomain() != s.cfg.TrustDomain {
 		return ctx, newAPIError(codes.Unauthenticated, "%s is not in trust domain %q", id, s.cfg.TrustDomain.Name())
 	}
+	var denial error
 	switch methodAccess[fullMethod] {
 	case accessPeer:
 	case accessAdmin:
 		if !s.cfg.Admins.IsAdmin(id) {
-			return ctx, errDenied("%s is not an admin; %s is an admin RPC", id, fullMethod)
+			denial = errDenied("%s is not an admin; %s is an admin RPC", id, fullMethod)
 		}
 	default:
-		return ctx, errDenied("%s is not in the broker's authorization table", fullMethod)
+		denial = errDenied("%s is not in the broker's authorization table", fullMethod)
+	}
+	if denial != nil {
+		// Refusals are decisions: they go on the audit trail (or, if it
+		// cannot be written, the answer is Unavailable).
+		return ctx, s.deny(ctx, &store.AuditRecord{Event: store.EventAccessDeny, Actor: id.String(), AgentID: id.String()}, denial)
 	}
 	return withCaller(ctx, id), nil
 }

@@ -141,14 +141,6 @@ func TestBadInputIsRejectedAndChangesNothing(t *testing.T) {
 			_, err := e.admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: "nope"})
 			return err
 		}, codes.InvalidArgument, "agent_id:"},
-		{"agent calls an admin RPC", func(ctx context.Context) error {
-			_, err := leaseholdv1.NewAdminServiceClient(e.dial(agent1ID)).RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent2ID, Reason: "r"})
-			return err
-		}, codes.PermissionDenied, "is not an admin"},
-		{"agent lists credentials", func(ctx context.Context) error {
-			_, err := leaseholdv1.NewAdminServiceClient(e.dial(agent2ID)).ListCredentials(ctx, &leaseholdv1.ListCredentialsRequest{})
-			return err
-		}, codes.PermissionDenied, "is not an admin"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -192,4 +184,27 @@ func TestPagination(t *testing.T) {
 		}
 	}
 	require.Equal(t, []uint64{5, 4, 3, 2, 1}, seqs)
+}
+
+// An agent refused an admin RPC is a decision: it is audited, and nothing
+// else changes.
+func TestRefusedAdminCallIsAudited(t *testing.T) {
+	e := newEnv(t)
+	before := len(e.audit(nil))
+	_, err := leaseholdv1.NewAdminServiceClient(e.dial(agent1ID)).RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent2ID, Reason: "r"})
+	requireCode(t, err, codes.PermissionDenied, "is not an admin")
+	_, err = leaseholdv1.NewAdminServiceClient(e.dial(agent2ID)).ListCredentials(ctx, &leaseholdv1.ListCredentialsRequest{})
+	requireCode(t, err, codes.PermissionDenied, "is not an admin")
+
+	recs := e.audit(nil)
+	require.Len(t, recs, before+2)
+	require.Equal(t, leaseholdv1.AuditEvent_AUDIT_EVENT_ACCESS_DENY, recs[0].GetEvent())
+	require.Equal(t, agent2ID, recs[0].GetActor())
+	require.Contains(t, recs[0].GetReason(), "/leasehold.v1.AdminService/ListCredentials")
+	require.Equal(t, leaseholdv1.Decision_DECISION_DENY, recs[1].GetDecision())
+	require.Contains(t, recs[1].GetReason(), "RevokeAgent")
+
+	who, err := e.agent2.WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{})
+	require.NoError(t, err)
+	require.False(t, who.GetRevoked(), "the refused RevokeAgent did nothing")
 }

@@ -82,6 +82,7 @@ var auditEvents = map[store.AuditEvent]leaseholdv1.AuditEvent{
 	store.EventCredentialDelete: leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_DELETE,
 	store.EventGrantCreate:      leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_CREATE,
 	store.EventGrantDelete:      leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_DELETE,
+	store.EventAccessDeny:       leaseholdv1.AuditEvent_AUDIT_EVENT_ACCESS_DENY,
 }
 
 func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {

@@ -234,6 +234,7 @@ const (
 	EventCredentialDelete AuditEvent = "credential.delete"
 	EventGrantCreate      AuditEvent = "grant.create"
 	EventGrantDelete      AuditEvent = "grant.delete"
+	EventAccessDeny       AuditEvent = "access.deny"
 )
 
 // Decision is the outcome an audit record holds.

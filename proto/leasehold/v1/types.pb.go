@@ -96,6 +96,9 @@ const (
 	AuditEvent_AUDIT_EVENT_CREDENTIAL_DELETE AuditEvent = 9
 	AuditEvent_AUDIT_EVENT_GRANT_CREATE      AuditEvent = 10
 	AuditEvent_AUDIT_EVENT_GRANT_DELETE      AuditEvent = 11
+	// A caller was refused an RPC by the authorization table, e.g. an agent
+	// calling an admin RPC.
+	AuditEvent_AUDIT_EVENT_ACCESS_DENY AuditEvent = 12
 )
 
 // Enum value maps for AuditEvent.
@@ -113,6 +116,7 @@ var (
 		9:  "AUDIT_EVENT_CREDENTIAL_DELETE",
 		10: "AUDIT_EVENT_GRANT_CREATE",
 		11: "AUDIT_EVENT_GRANT_DELETE",
+		12: "AUDIT_EVENT_ACCESS_DENY",
 	}
 	AuditEvent_value = map[string]int32{
 		"AUDIT_EVENT_UNSPECIFIED":       0,
@@ -127,6 +131,7 @@ var (
 		"AUDIT_EVENT_CREDENTIAL_DELETE": 9,
 		"AUDIT_EVENT_GRANT_CREATE":      10,
 		"AUDIT_EVENT_GRANT_DELETE":      11,
+		"AUDIT_EVENT_ACCESS_DENY":       12,
 	}
 )
 
@@ -1031,7 +1036,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n" +
 	"\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n" +
-	"\x13LEASE_STATE_REVOKED\x10\x04*\xfe\x02\n" +
+	"\x13LEASE_STATE_REVOKED\x10\x04*\x9b\x03\n" +
 	"\n" +
 	"AuditEvent\x12\x1b\n" +
 	"\x17AUDIT_EVENT_UNSPECIFIED\x10\x00\x12\x1d\n" +
@@ -1046,7 +1051,8 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x1dAUDIT_EVENT_CREDENTIAL_DELETE\x10\t\x12\x1c\n" +
 	"\x18AUDIT_EVENT_GRANT_CREATE\x10\n" +
 	"\x12\x1c\n" +
-	"\x18AUDIT_EVENT_GRANT_DELETE\x10\v*K\n" +
+	"\x18AUDIT_EVENT_GRANT_DELETE\x10\v\x12\x1b\n" +
+	"\x17AUDIT_EVENT_ACCESS_DENY\x10\f*K\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
