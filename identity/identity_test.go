@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/leasehold/leasehold/identity"
@@ -14,23 +15,46 @@ import (
 
 var td = spiffeid.RequireTrustDomainFromString("leasehold.test")
 
-func TestFileSourceReloadsRotatedFiles(t *testing.T) {
+// svidFiles is a dev CA and one SVID for id written to files in a temp
+// dir, with a FileSource watching them.
+type svidFiles struct {
+	ca        *identity.DevCA
+	id        spiffeid.ID
+	cert, key string
+	first     *x509svid.SVID
+	src       *identity.FileSource
+}
+
+func newSVIDFiles(t *testing.T, id string) *svidFiles {
+	t.Helper()
 	dir := t.TempDir()
 	ca, err := identity.LoadOrCreateDevCA(dir, td)
 	require.NoError(t, err)
-	cert, key, bundle := filepath.Join(dir, "a.pem"), filepath.Join(dir, "a-key.pem"), filepath.Join(dir, "bundle.pem")
+	f := &svidFiles{ca: ca, id: spiffeid.RequireFromString(id), cert: filepath.Join(dir, "svid.pem"), key: filepath.Join(dir, "svid-key.pem")}
+	bundle := filepath.Join(dir, "bundle.pem")
 	require.NoError(t, identity.WriteBundle(ca.Bundle(), bundle))
-	id := spiffeid.RequireFromString("spiffe://leasehold.test/agents/a")
-	first, err := ca.Issue(id, identity.SVIDOptions{})
+	f.first = f.rotate(t)
+	f.src, err = identity.NewFileSource(identity.FileConfig{CertFile: f.cert, KeyFile: f.key, BundleFile: bundle, ReloadInterval: 10 * time.Millisecond})
 	require.NoError(t, err)
-	require.NoError(t, identity.WriteSVID(first, cert, key))
-	st, err := os.Stat(key)
+	t.Cleanup(func() { f.src.Close() })
+	return f
+}
+
+// rotate writes a fresh SVID over the files and returns it.
+func (f *svidFiles) rotate(t *testing.T) *x509svid.SVID {
+	t.Helper()
+	svid, err := f.ca.Issue(f.id, identity.SVIDOptions{})
+	require.NoError(t, err)
+	require.NoError(t, identity.WriteSVID(svid, f.cert, f.key))
+	return svid
+}
+
+func TestFileSourceReloadsRotatedFiles(t *testing.T) {
+	f := newSVIDFiles(t, "spiffe://leasehold.test/agents/a")
+	src, cert, first := f.src, f.cert, f.first
+	st, err := os.Stat(f.key)
 	require.NoError(t, err)
 	require.Equal(t, os.FileMode(0o600), st.Mode().Perm(), "private keys are written 0600")
-
-	src, err := identity.NewFileSource(identity.FileConfig{CertFile: cert, KeyFile: key, BundleFile: bundle, ReloadInterval: 10 * time.Millisecond})
-	require.NoError(t, err)
-	defer src.Close()
 	got, err := src.GetX509SVID()
 	require.NoError(t, err)
 	require.Equal(t, first.Certificates[0].SerialNumber, got.Certificates[0].SerialNumber)
@@ -47,9 +71,7 @@ func TestFileSourceReloadsRotatedFiles(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, first.Certificates[0].SerialNumber, got.Certificates[0].SerialNumber)
 
-	second, err := ca.Issue(id, identity.SVIDOptions{})
-	require.NoError(t, err)
-	require.NoError(t, identity.WriteSVID(second, cert, key))
+	second := f.rotate(t)
 	require.Eventually(t, func() bool {
 		got, err := src.GetX509SVID()
 		return err == nil && got.Certificates[0].SerialNumber.Cmp(second.Certificates[0].SerialNumber) == 0

@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"math/big"
 	"net"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -21,19 +20,8 @@ import (
 // A server whose SVID comes from files presents the rotated certificate on
 // new handshakes, with no restart: the TLS config asks the source each time.
 func TestServerPresentsRotatedSVIDOnNewHandshakes(t *testing.T) {
-	dir := t.TempDir()
-	ca, err := identity.LoadOrCreateDevCA(dir, td)
-	require.NoError(t, err)
-	cert, key, bundle := filepath.Join(dir, "s.pem"), filepath.Join(dir, "s-key.pem"), filepath.Join(dir, "bundle.pem")
-	require.NoError(t, identity.WriteBundle(ca.Bundle(), bundle))
-	serverID := spiffeid.RequireFromString("spiffe://leasehold.test/leasehold/broker")
-	first, err := ca.Issue(serverID, identity.SVIDOptions{})
-	require.NoError(t, err)
-	require.NoError(t, identity.WriteSVID(first, cert, key))
-	src, err := identity.NewFileSource(identity.FileConfig{CertFile: cert, KeyFile: key, BundleFile: bundle, ReloadInterval: 10 * time.Millisecond})
-	require.NoError(t, err)
-	defer src.Close()
-
+	f := newSVIDFiles(t, "spiffe://leasehold.test/leasehold/broker")
+	ca, src, first := f.ca, f.src, f.first
 	srv := grpc.NewServer(grpc.Creds(identity.ServerCredentials(src, td)))
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -55,9 +43,7 @@ func TestServerPresentsRotatedSVIDOnNewHandshakes(t *testing.T) {
 	}
 	require.Equal(t, 0, serverSerial().Cmp(first.Certificates[0].SerialNumber))
 
-	second, err := ca.Issue(serverID, identity.SVIDOptions{})
-	require.NoError(t, err)
-	require.NoError(t, identity.WriteSVID(second, cert, key))
+	second := f.rotate(t)
 	require.Eventually(t, func() bool { return serverSerial().Cmp(second.Certificates[0].SerialNumber) == 0 },
 		5*time.Second, 20*time.Millisecond, "new handshakes present the rotated SVID")
 }
