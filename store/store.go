@@ -71,10 +71,16 @@ type ReadTx interface {
 	// before t, soonest first, from the expiry index.
 	ActiveLeasesExpiringBefore(t time.Time, limit int) ([]*Lease, error)
 
-	// QueryAudit returns matching audit records newest first.
+	// QueryAudit returns matching audit records, newest first unless
+	// q.Ascending, answered from an index. A record that cannot be decoded
+	// is reported as a *CorruptRecordError.
 	QueryAudit(q AuditQuery) ([]*AuditRecord, error)
 	// LastAuditSequence is the sequence of the newest audit record, 0 if none.
 	LastAuditSequence() (uint64, error)
+	// AuditHead is the checkpoint of the newest record as the engine
+	// recorded it when appending (zero when the trail is empty). It is kept
+	// apart from the records, so removing records from the end shows.
+	AuditHead() (AuditCheckpoint, error)
 }
 
 // Tx reads and writes records. Writes become visible to other transactions
@@ -262,17 +268,36 @@ type AuditRecord struct {
 	Reason      string     `json:"reason,omitempty"`
 	RequestID   string     `json:"request_id,omitempty"`
 	Code        string     `json:"code,omitempty"`
+	// PrevHash and Hash chain the record to its predecessor; see ChainAudit.
+	PrevHash []byte `json:"prev_hash,omitempty"`
+	Hash     []byte `json:"hash"`
 }
 
 // AuditQuery selects audit records. Empty fields do not filter. Records are
-// returned newest first, beginning below BeforeSequence when it is non-zero.
+// returned newest first (or oldest first with Ascending), only those above
+// AfterSequence and below BeforeSequence when these are non-zero.
 type AuditQuery struct {
 	AgentID        string
 	Credential     string
 	TaskID         string
+	LeaseID        string
 	Decision       Decision
 	Start          time.Time // inclusive; zero = unbounded
 	End            time.Time // exclusive; zero = unbounded
+	AfterSequence  uint64
 	BeforeSequence uint64
+	Ascending      bool
 	Limit          int
+}
+
+// Matches reports whether r passes q's field filters (not its bounds). It
+// is the reference the engines' indexed queries are tested against.
+func (q AuditQuery) Matches(r *AuditRecord) bool {
+	return (q.AgentID == "" || r.AgentID == q.AgentID) &&
+		(q.Credential == "" || r.Credential == q.Credential) &&
+		(q.TaskID == "" || r.TaskID == q.TaskID) &&
+		(q.LeaseID == "" || r.LeaseID == q.LeaseID) &&
+		(q.Decision == "" || r.Decision == q.Decision) &&
+		(q.Start.IsZero() || !r.Time.Before(q.Start)) &&
+		(q.End.IsZero() || r.Time.Before(q.End))
 }

@@ -3,6 +3,7 @@ package bolt
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"math"
 	"time"
@@ -12,9 +13,29 @@ import (
 	"github.com/leasehold/leasehold/store"
 )
 
+// auditHead is what meta keeps about the newest record.
+type auditHead struct {
+	Sequence uint64    `json:"seq"`
+	Hash     []byte    `json:"hash"`
+	Time     time.Time `json:"time"`
+}
+
+func (t *boltTx) head() (auditHead, error) {
+	var h auditHead
+	v := t.tx.Bucket(bMeta).Get(keyAuditHead)
+	if v == nil {
+		return h, nil
+	}
+	if err := json.Unmarshal(v, &h); err != nil {
+		return h, fmt.Errorf("bolt: decode audit head: %w", err)
+	}
+	return h, nil
+}
+
 // AppendAudit implements store.Tx. Times are made monotonic with the
 // sequence, so a time bound maps to a sequence bound through bAuditByTime and
-// every query walks one index backwards between two sequences.
+// every query walks one index between two sequences. The record is chained
+// to the previous head, and the head is moved to it.
 func (t *boltTx) AppendAudit(r *store.AuditRecord) (uint64, error) {
 	b := t.tx.Bucket(bAudit)
 	meta := t.tx.Bucket(bMeta)
@@ -22,34 +43,39 @@ func (t *boltTx) AppendAudit(r *store.AuditRecord) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
+	prev, err := t.head()
+	if err != nil {
+		return 0, err
+	}
 	if r.Time.IsZero() {
 		r.Time = time.Now()
 	}
 	r.Time = r.Time.UTC()
-	if v := meta.Get(keyLastAuditTime); v != nil {
-		if last := time.Unix(0, int64(binary.BigEndian.Uint64(v))).UTC(); r.Time.Before(last) {
-			r.Time = last
-		}
+	if !prev.Time.IsZero() && r.Time.Before(prev.Time) {
+		r.Time = prev.Time
 	}
 	r.Sequence = seq
-	if err := meta.Put(keyLastAuditTime, u64(uint64(r.Time.UnixNano()))); err != nil {
+	store.ChainAudit(r, prev.Hash)
+	headJSON, err := json.Marshal(auditHead{Sequence: seq, Hash: r.Hash, Time: r.Time})
+	if err != nil {
+		return 0, err
+	}
+	if err := meta.Put(keyAuditHead, headJSON); err != nil {
 		return 0, err
 	}
 	if err := put(b, u64(seq), r); err != nil {
 		return 0, err
 	}
 	dec := []byte{decisionByte(r.Decision)}
-	for _, ix := range []struct {
-		bucket []byte
-		value  string
-	}{{bAuditByAgent, r.AgentID}, {bAuditByCred, r.Credential}, {bAuditByTask, r.TaskID}} {
-		if ix.value == "" {
+	for _, ix := range auditIndexes {
+		v := ix.value(r)
+		if v == "" {
 			continue
 		}
-		if err := checkKey("audit index value", ix.value); err != nil {
+		if err := checkKey("audit index value", v); err != nil {
 			return 0, err
 		}
-		if err := t.tx.Bucket(ix.bucket).Put(idxSeqKey(ix.value, seq), dec); err != nil {
+		if err := t.tx.Bucket(ix.bucket).Put(idxSeqKey(v, seq), dec); err != nil {
 			return 0, err
 		}
 	}
@@ -58,6 +84,20 @@ func (t *boltTx) AppendAudit(r *store.AuditRecord) (uint64, error) {
 		return 0, err
 	}
 	return seq, nil
+}
+
+type auditIndex struct {
+	bucket []byte
+	value  func(*store.AuditRecord) string
+	query  func(store.AuditQuery) string
+}
+
+// auditIndexes in order of preference for a query: the most selective first.
+var auditIndexes = []auditIndex{
+	{bAuditByLease, func(r *store.AuditRecord) string { return r.LeaseID }, func(q store.AuditQuery) string { return q.LeaseID }},
+	{bAuditByTask, func(r *store.AuditRecord) string { return r.TaskID }, func(q store.AuditQuery) string { return q.TaskID }},
+	{bAuditByAgent, func(r *store.AuditRecord) string { return r.AgentID }, func(q store.AuditQuery) string { return q.AgentID }},
+	{bAuditByCred, func(r *store.AuditRecord) string { return r.Credential }, func(q store.AuditQuery) string { return q.Credential }},
 }
 
 func decisionByte(d store.Decision) byte {
@@ -72,6 +112,12 @@ func (t *boltTx) LastAuditSequence() (uint64, error) {
 	return t.tx.Bucket(bAudit).Sequence(), nil
 }
 
+// AuditHead implements store.ReadTx.
+func (t *boltTx) AuditHead() (store.AuditCheckpoint, error) {
+	h, err := t.head()
+	return store.AuditCheckpoint{Sequence: h.Sequence, Hash: h.Hash, Time: h.Time}, err
+}
+
 // seqAtOrAfter returns the sequence of the first record whose time is at or
 // after at, or ok=false when there is none.
 func (t *boltTx) seqAtOrAfter(at time.Time) (uint64, bool) {
@@ -84,42 +130,34 @@ func (t *boltTx) seqAtOrAfter(at time.Time) (uint64, bool) {
 
 // QueryAudit implements store.ReadTx.
 func (t *boltTx) QueryAudit(q store.AuditQuery) ([]*store.AuditRecord, error) {
-	hi := uint64(math.MaxUint64) // exclusive
+	lo, hi := uint64(1), uint64(math.MaxUint64) // [lo, hi)
+	if q.AfterSequence != 0 {
+		lo = max(lo, q.AfterSequence+1)
+	}
 	if q.BeforeSequence != 0 {
-		hi = q.BeforeSequence
+		hi = min(hi, q.BeforeSequence)
 	}
 	if !q.End.IsZero() {
-		if s, ok := t.seqAtOrAfter(q.End); ok && s < hi {
-			hi = s
+		if s, ok := t.seqAtOrAfter(q.End); ok {
+			hi = min(hi, s)
 		}
 	}
-	lo := uint64(1) // inclusive
 	if !q.Start.IsZero() {
 		s, ok := t.seqAtOrAfter(q.Start)
 		if !ok {
 			return nil, nil
 		}
-		lo = s
+		lo = max(lo, s)
 	}
 	if hi <= lo {
 		return nil, nil
 	}
 
-	var bucket []byte
-	var value string
-	switch {
-	case q.AgentID != "":
-		bucket, value = bAuditByAgent, q.AgentID
-	case q.TaskID != "":
-		bucket, value = bAuditByTask, q.TaskID
-	case q.Credential != "":
-		bucket, value = bAuditByCred, q.Credential
-	}
-
 	audit := t.tx.Bucket(bAudit)
 	var out []*store.AuditRecord
+	// visit reports whether to go on.
 	visit := func(seq uint64, dec []byte) (bool, error) {
-		if seq < lo {
+		if seq < lo || seq >= hi {
 			return false, nil
 		}
 		if q.Decision != "" && dec != nil && (len(dec) != 1 || dec[0] != decisionByte(q.Decision)) {
@@ -127,42 +165,59 @@ func (t *boltTx) QueryAudit(q store.AuditQuery) ([]*store.AuditRecord, error) {
 		}
 		v := audit.Get(u64(seq))
 		if v == nil {
-			return false, fmt.Errorf("bolt: audit index points at missing record %d", seq)
+			if dec == nil {
+				return true, nil // walking the records themselves: a gap is VerifyAudit's to report
+			}
+			return false, &store.CorruptRecordError{Sequence: seq, Err: fmt.Errorf("an index names it but the record is missing")}
 		}
-		r, err := decode[store.AuditRecord](v, "audit record")
-		if err != nil {
-			return false, err
+		var r store.AuditRecord
+		if err := json.Unmarshal(v, &r); err != nil {
+			return false, &store.CorruptRecordError{Sequence: seq, Err: err}
 		}
-		if (q.AgentID == "" || r.AgentID == q.AgentID) &&
-			(q.TaskID == "" || r.TaskID == q.TaskID) &&
-			(q.Credential == "" || r.Credential == q.Credential) &&
-			(q.Decision == "" || r.Decision == q.Decision) {
-			out = append(out, r)
+		if q.Matches(&r) {
+			out = append(out, &r)
 		}
 		return q.Limit <= 0 || len(out) < q.Limit, nil
 	}
 
-	if bucket == nil {
-		c := audit.Cursor()
-		k, _ := seekBefore(c, u64(hi), nil)
-		for ; k != nil; k, _ = c.Prev() {
-			more, err := visit(binary.BigEndian.Uint64(k), nil)
-			if err != nil || !more {
-				return out, err
-			}
+	var bucket, prefix []byte
+	for _, ix := range auditIndexes {
+		if v := ix.query(q); v != "" {
+			bucket, prefix = ix.bucket, append([]byte(v), 0)
+			break
 		}
-		return out, nil
 	}
-	prefix := append([]byte(value), 0)
-	c := t.tx.Bucket(bucket).Cursor()
-	k, v := seekBefore(c, idxSeqKey(value, hi), prefix)
-	for ; k != nil && bytes.HasPrefix(k, prefix); k, v = c.Prev() {
-		more, err := visit(binary.BigEndian.Uint64(k[len(prefix):]), v)
+	seqOf := func(k []byte) uint64 { return binary.BigEndian.Uint64(k[len(prefix):]) }
+	var c *bbolt.Cursor
+	if bucket == nil {
+		c = audit.Cursor()
+	} else {
+		c = t.tx.Bucket(bucket).Cursor()
+	}
+	var k, v []byte
+	if q.Ascending {
+		k, v = c.Seek(binary.BigEndian.AppendUint64(bytes.Clone(prefix), lo))
+	} else {
+		k, v = seekBefore(c, binary.BigEndian.AppendUint64(bytes.Clone(prefix), hi), prefix)
+	}
+	for ; k != nil && bytes.HasPrefix(k, prefix) && len(k) == len(prefix)+8; k, v = step(c, q.Ascending) {
+		dec := v
+		if bucket == nil {
+			dec = nil
+		}
+		more, err := visit(seqOf(k), dec)
 		if err != nil || !more {
 			return out, err
 		}
 	}
 	return out, nil
+}
+
+func step(c *bbolt.Cursor, ascending bool) ([]byte, []byte) {
+	if ascending {
+		return c.Next()
+	}
+	return c.Prev()
 }
 
 // seekBefore positions c on the last key strictly below key (and, when
@@ -174,7 +229,7 @@ func seekBefore(c *bbolt.Cursor, key, prefix []byte) ([]byte, []byte) {
 	} else {
 		k, v = c.Prev()
 	}
-	if k != nil && prefix != nil && !bytes.HasPrefix(k, prefix) {
+	if k != nil && len(prefix) > 0 && !bytes.HasPrefix(k, prefix) {
 		return nil, nil
 	}
 	return k, v

@@ -42,14 +42,16 @@ var (
 	bAuditByAgent = []byte("idx_audit_agent")
 	bAuditByCred  = []byte("idx_audit_credential")
 	bAuditByTask  = []byte("idx_audit_task")
+	bAuditByLease = []byte("idx_audit_lease")
 	bAuditByTime  = []byte("idx_audit_time")
 
 	allBuckets = [][]byte{bMeta, bCredentials, bCredVersions, bGrants, bGrantsByCred, bAgents,
 		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
-		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByTime}
+		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByTime}
 
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")
+	keyAuditHead     = []byte("audit_head")
 )
 
 // Config configures the engine.

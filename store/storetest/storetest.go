@@ -20,15 +20,17 @@ type Factory func(t *testing.T) store.Store
 // Run runs every conformance test against stores from newStore.
 func Run(t *testing.T, newStore Factory) {
 	tests := map[string]func(*testing.T, store.Store){
-		"CredentialsAndVersions": testCredentials,
-		"Grants":                 testGrants,
-		"Agents":                 testAgents,
-		"LeaseIndexes":           testLeaseIndexes,
-		"ExpiryIndex":            testExpiryIndex,
-		"AuditAppendAndQuery":    testAudit,
-		"AuditTimeIsMonotonic":   testAuditMonotonic,
-		"UpdateRollsBack":        testRollback,
-		"Closed":                 testClosed,
+		"CredentialsAndVersions":      testCredentials,
+		"Grants":                      testGrants,
+		"Agents":                      testAgents,
+		"LeaseIndexes":                testLeaseIndexes,
+		"ExpiryIndex":                 testExpiryIndex,
+		"AuditAppendAndQuery":         testAudit,
+		"AuditTimeIsMonotonic":        testAuditMonotonic,
+		"AuditChain":                  testAuditChain,
+		"AuditQueryMatchesBruteForce": testAuditQueryProperty,
+		"UpdateRollsBack":             testRollback,
+		"Closed":                      testClosed,
 	}
 	for name, fn := range tests {
 		t.Run(name, func(t *testing.T) {
