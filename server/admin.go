@@ -10,7 +10,7 @@ import (
 	"strconv"
 	"time"
 
-	"google.golang.org/protobuf/types/known/timestamppb"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/leasehold/leasehold/backends"
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
@@ -324,6 +324,14 @@ func (a *adminService) ListGrants(ctx context.Context, req *leaseholdv1.ListGran
 			return nil, err
 		}
 	}
+	var subject spiffeid.ID
+	if req.GetSpiffeId() != "" {
+		id, err := validSpiffeID("spiffe_id", req.GetSpiffeId(), a.s.cfg.TrustDomain)
+		if err != nil {
+			return nil, err
+		}
+		subject = id
+	}
 	size, err := validPageSize("page_size", req.GetPageSize())
 	if err != nil {
 		return nil, err
@@ -333,10 +341,23 @@ func (a *adminService) ListGrants(ctx context.Context, req *leaseholdv1.ListGran
 		return nil, err
 	}
 	var list []*store.Grant
-	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
-		list, err = tx.ListGrants(req.GetCredential(), after, size+1)
-		return err
-	}); err != nil {
+	err = a.s.store.View(ctx, func(tx store.ReadTx) error {
+		cursor := after
+		for len(list) <= size {
+			batch, err := tx.ListGrants(req.GetCredential(), cursor, size+1)
+			if err != nil || len(batch) == 0 {
+				return err
+			}
+			for _, g := range batch {
+				if subject.IsZero() || grantMatches(g, subject) {
+					list = append(list, g)
+				}
+			}
+			cursor = batch[len(batch)-1].ID
+		}
+		return nil
+	})
+	if err != nil {
 		return nil, err
 	}
 	out := &leaseholdv1.ListGrantsResponse{}
@@ -555,77 +576,4 @@ func (a *adminService) RevokeLease(ctx context.Context, req *leaseholdv1.RevokeL
 	}
 	s.revokeUpstream(ctx, []*store.Lease{out}, backends.Spec{})
 	return &leaseholdv1.RevokeLeaseResponse{Lease: leaseToProto(out)}, nil
-}
-
-// ---- audit ----
-
-func (a *adminService) QueryAudit(ctx context.Context, req *leaseholdv1.QueryAuditRequest) (*leaseholdv1.QueryAuditResponse, error) {
-	q := store.AuditQuery{Credential: req.GetCredential(), TaskID: req.GetTaskId()}
-	if req.GetAgentId() != "" {
-		id, err := validSpiffeID("agent_id", req.GetAgentId(), a.s.cfg.TrustDomain)
-		if err != nil {
-			return nil, err
-		}
-		q.AgentID = id.String()
-	}
-	if q.Credential != "" {
-		if err := validCredentialName("credential", q.Credential); err != nil {
-			return nil, err
-		}
-	}
-	if err := validTaskID("task_id", q.TaskID, false); err != nil {
-		return nil, err
-	}
-	switch req.GetDecision() {
-	case leaseholdv1.Decision_DECISION_UNSPECIFIED:
-	case leaseholdv1.Decision_DECISION_ALLOW:
-		q.Decision = store.Allow
-	case leaseholdv1.Decision_DECISION_DENY:
-		q.Decision = store.Deny
-	default:
-		return nil, errInvalid("decision", "unknown value %d", req.GetDecision())
-	}
-	for _, t := range []struct {
-		field string
-		in    *timestamppb.Timestamp
-		out   *time.Time
-	}{{"start_time", req.GetStartTime(), &q.Start}, {"end_time", req.GetEndTime(), &q.End}} {
-		if t.in == nil {
-			continue
-		}
-		if err := t.in.CheckValid(); err != nil {
-			return nil, errInvalid(t.field, "is not a valid timestamp")
-		}
-		*t.out = t.in.AsTime()
-	}
-	if !q.Start.IsZero() && !q.End.IsZero() && !q.Start.Before(q.End) {
-		return nil, errInvalid("end_time", "must be after start_time")
-	}
-	size, err := validPageSize("page_size", req.GetPageSize())
-	if err != nil {
-		return nil, err
-	}
-	tok, err := parsePageToken("page_token", "audit", req.GetPageToken())
-	if err != nil {
-		return nil, err
-	}
-	if tok != "" {
-		if q.BeforeSequence, err = strconv.ParseUint(tok, 10, 64); err != nil || q.BeforeSequence == 0 {
-			return nil, errInvalid("page_token", "is malformed")
-		}
-	}
-	q.Limit = size + 1
-	var recs []*store.AuditRecord
-	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
-		recs, err = tx.QueryAudit(q)
-		return err
-	}); err != nil {
-		return nil, err
-	}
-	out := &leaseholdv1.QueryAuditResponse{}
-	recs, out.NextPageToken = page(recs, size, "audit", func(r *store.AuditRecord) string { return strconv.FormatUint(r.Sequence, 10) })
-	for _, r := range recs {
-		out.Records = append(out.Records, auditToProto(r))
-	}
-	return out, nil
 }

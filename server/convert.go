@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/hex"
 	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -95,5 +96,6 @@ func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {
 		Actor: r.Actor, AgentId: r.AgentID, Credential: r.Credential, Scopes: r.Scopes,
 		TaskId: r.TaskID, TaskPurpose: r.TaskPurpose, LeaseId: r.LeaseID, GrantId: r.GrantID,
 		Reason: r.Reason, RequestId: r.RequestID, Code: r.Code,
+		Hash: hex.EncodeToString(r.Hash), PrevHash: hex.EncodeToString(r.PrevHash),
 	}
 }

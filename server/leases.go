@@ -40,16 +40,54 @@ func grantMatches(g *store.Grant, id spiffeid.ID) bool {
 	return id.Path() == p.Path() || strings.HasPrefix(id.Path(), p.Path()+"/")
 }
 
-// pickGrant finds a grant that allows caller the scopes and ttl, or returns
-// the most specific denial.
+// policy is the outcome of evaluating an acquire against the store.
+type policy struct {
+	cred     *store.Credential
+	grant    *store.Grant   // the grant that allows it, when denial is nil
+	matching []*store.Grant // every grant on the credential whose subject covers the caller
+	denial   error          // why not: PermissionDenied or NotFound
+}
+
+// evaluate decides an acquire: the agent is not revoked, the credential
+// exists, and a grant covers the caller, the scopes and the ttl. It reads
+// only; the caller records the decision.
+func (s *Server) evaluate(tx store.ReadTx, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration) (*policy, error) {
+	p := &policy{}
+	if err := checkAgentActive(tx, caller.String()); err != nil {
+		if !isDenied(err) {
+			return nil, err
+		}
+		p.denial = err
+		return p, nil
+	}
+	c, err := tx.GetCredential(credential)
+	if errors.Is(err, store.ErrNotFound) {
+		p.denial = errNotFound("credential %q not found", credential)
+		return p, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	grants, err := tx.ListGrants(c.Name, "", 0)
+	if err != nil {
+		return nil, err
+	}
+	for _, g := range grants {
+		if grantMatches(g, caller) {
+			p.matching = append(p.matching, g)
+		}
+	}
+	p.cred = c
+	p.grant, p.denial = pickGrant(p.matching, caller, c.Name, scopes, ttl)
+	return p, nil
+}
+
+// pickGrant finds, among grants whose subject covers caller, one that allows
+// the scopes and ttl, or returns the most specific denial.
 func pickGrant(grants []*store.Grant, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration) (*store.Grant, error) {
 	var ttlDenial error
-	matched := false
+	matched := len(grants) > 0
 	for _, g := range grants {
-		if !grantMatches(g, caller) {
-			continue
-		}
-		matched = true
 		if !backends.SubsetOf(scopes, g.Scopes) {
 			continue
 		}
@@ -138,39 +176,27 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	}
 
 	var (
-		cred    *store.Credential
+		p       *policy
 		version *store.CredentialVersion
-		grant   *store.Grant
-		denial  error
 	)
 	err = s.store.View(ctx, func(tx store.ReadTx) error {
-		if denial = checkAgentActive(tx, agent); denial != nil {
-			return nil
-		}
-		c, err := tx.GetCredential(req.GetCredential())
-		if err != nil {
+		var err error
+		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl); err != nil || p.denial != nil {
 			return err
 		}
-		grants, err := tx.ListGrants(c.Name, "", 0)
-		if err != nil {
-			return err
-		}
-		if grant, denial = pickGrant(grants, caller, c.Name, req.GetScopes(), ttl); denial != nil {
-			return nil
-		}
-		cred = c
-		version, err = tx.GetCredentialVersion(c.Name, c.CurrentVersion)
+		version, err = tx.GetCredentialVersion(p.cred.Name, p.cred.CurrentVersion)
 		return err
 	})
 	if err != nil {
-		if errors.Is(err, store.ErrNotFound) && cred == nil {
-			return nil, errNotFound("credential %q not found", req.GetCredential())
-		}
 		return nil, err
 	}
-	if denial != nil {
-		return nil, s.deny(ctx, rec, denial)
+	if p.denial != nil {
+		if codeOf(p.denial) == codes.NotFound {
+			return nil, p.denial // bad input: answered, not recorded
+		}
+		return nil, s.deny(ctx, rec, p.denial)
 	}
+	cred, grant := p.cred, p.grant
 
 	if ttl == 0 {
 		ttl = min(s.cfg.DefaultTTL, grant.MaxTTL)

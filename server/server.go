@@ -117,6 +117,9 @@ type Server struct {
 	grpc     *grpc.Server
 	health   *health.Server
 
+	// auditCommitted wakes WatchAudit streams after each committed write.
+	auditCommitted *notifier
+
 	stopOnce sync.Once
 	stop     chan struct{}
 	bg       sync.WaitGroup
@@ -140,8 +143,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.TracerProvider == nil {
 		deps.TracerProvider = otel.GetTracerProvider()
 	}
+	committed := newNotifier()
 	s := &Server{
-		cfg: cfg, store: deps.Store, backends: deps.Backends, keyring: deps.Keyring,
+		cfg: cfg, store: &notifyingStore{Store: deps.Store, n: committed}, auditCommitted: committed, backends: deps.Backends, keyring: deps.Keyring,
 		log: deps.Logger, now: deps.Now, stop: make(chan struct{}),
 		health: health.NewServer(),
 		tracer: deps.TracerProvider.Tracer(instrumentationName),
@@ -228,4 +232,42 @@ func (s *Server) runHealth() {
 		case <-t.C:
 		}
 	}
+}
+
+// notifier is a broadcast: wait returns a channel that closes at the next
+// notify.
+type notifier struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func newNotifier() *notifier { return &notifier{ch: make(chan struct{})} }
+
+func (n *notifier) wait() <-chan struct{} {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.ch
+}
+
+func (n *notifier) notify() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	close(n.ch)
+	n.ch = make(chan struct{})
+}
+
+// notifyingStore wakes watchers after every committed write transaction.
+// Every write the broker makes appends audit records, so a commit is the
+// moment new records become visible.
+type notifyingStore struct {
+	store.Store
+	n *notifier
+}
+
+func (s *notifyingStore) Update(ctx context.Context, fn func(store.Tx) error) error {
+	err := s.Store.Update(ctx, fn)
+	if err == nil {
+		s.n.notify()
+	}
+	return err
 }

@@ -9,6 +9,7 @@ package leaseholdv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -530,9 +531,11 @@ func (x *CreateGrantResponse) GetGrant() *Grant {
 type ListGrantsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only grants for this credential, when set.
-	Credential    string `protobuf:"bytes,1,opt,name=credential,proto3" json:"credential,omitempty"`
-	PageSize      int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	Credential string `protobuf:"bytes,1,opt,name=credential,proto3" json:"credential,omitempty"`
+	PageSize   int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken  string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only grants whose subject covers this SPIFFE ID (exactly or by prefix).
+	SpiffeId      string `protobuf:"bytes,4,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -584,6 +587,13 @@ func (x *ListGrantsRequest) GetPageSize() int32 {
 func (x *ListGrantsRequest) GetPageToken() string {
 	if x != nil {
 		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListGrantsRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
 	}
 	return ""
 }
@@ -1271,8 +1281,11 @@ type QueryAuditRequest struct {
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	EndTime   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// 1-1000; defaults to 100.
-	PageSize      int32  `protobuf:"varint,7,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	PageToken     string `protobuf:"bytes,8,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageSize  int32  `protobuf:"varint,7,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken string `protobuf:"bytes,8,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	LeaseId   string `protobuf:"bytes,9,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Oldest first instead of newest first.
+	OldestFirst   bool `protobuf:"varint,10,opt,name=oldest_first,json=oldestFirst,proto3" json:"oldest_first,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1363,11 +1376,24 @@ func (x *QueryAuditRequest) GetPageToken() string {
 	return ""
 }
 
+func (x *QueryAuditRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *QueryAuditRequest) GetOldestFirst() bool {
+	if x != nil {
+		return x.OldestFirst
+	}
+	return false
+}
+
 type QueryAuditResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// Newest first.
-	Records       []*AuditRecord `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
-	NextPageToken string         `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Records       []*AuditRecord         `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1416,11 +1442,522 @@ func (x *QueryAuditResponse) GetNextPageToken() string {
 	return ""
 }
 
+type WatchAuditRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Filters, as in QueryAuditRequest.
+	AgentId    string   `protobuf:"bytes,1,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	Credential string   `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"`
+	TaskId     string   `protobuf:"bytes,3,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	LeaseId    string   `protobuf:"bytes,4,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	Decision   Decision `protobuf:"varint,5,opt,name=decision,proto3,enum=leasehold.v1.Decision" json:"decision,omitempty"`
+	// Stream records with a greater sequence; 0 streams from the beginning.
+	AfterSequence uint64 `protobuf:"varint,6,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	// Start at the current head instead of after_sequence: only new records.
+	FromNow       bool `protobuf:"varint,7,opt,name=from_now,json=fromNow,proto3" json:"from_now,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchAuditRequest) Reset() {
+	*x = WatchAuditRequest{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchAuditRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchAuditRequest) ProtoMessage() {}
+
+func (x *WatchAuditRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchAuditRequest.ProtoReflect.Descriptor instead.
+func (*WatchAuditRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *WatchAuditRequest) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *WatchAuditRequest) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *WatchAuditRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *WatchAuditRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *WatchAuditRequest) GetDecision() Decision {
+	if x != nil {
+		return x.Decision
+	}
+	return Decision_DECISION_UNSPECIFIED
+}
+
+func (x *WatchAuditRequest) GetAfterSequence() uint64 {
+	if x != nil {
+		return x.AfterSequence
+	}
+	return 0
+}
+
+func (x *WatchAuditRequest) GetFromNow() bool {
+	if x != nil {
+		return x.FromNow
+	}
+	return false
+}
+
+type WatchAuditResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Record        *AuditRecord           `protobuf:"bytes,1,opt,name=record,proto3" json:"record,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchAuditResponse) Reset() {
+	*x = WatchAuditResponse{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchAuditResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchAuditResponse) ProtoMessage() {}
+
+func (x *WatchAuditResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchAuditResponse.ProtoReflect.Descriptor instead.
+func (*WatchAuditResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *WatchAuditResponse) GetRecord() *AuditRecord {
+	if x != nil {
+		return x.Record
+	}
+	return nil
+}
+
+type GetAuditCheckpointRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAuditCheckpointRequest) Reset() {
+	*x = GetAuditCheckpointRequest{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAuditCheckpointRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAuditCheckpointRequest) ProtoMessage() {}
+
+func (x *GetAuditCheckpointRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAuditCheckpointRequest.ProtoReflect.Descriptor instead.
+func (*GetAuditCheckpointRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{28}
+}
+
+type GetAuditCheckpointResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Checkpoint    *AuditCheckpoint       `protobuf:"bytes,1,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAuditCheckpointResponse) Reset() {
+	*x = GetAuditCheckpointResponse{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAuditCheckpointResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAuditCheckpointResponse) ProtoMessage() {}
+
+func (x *GetAuditCheckpointResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAuditCheckpointResponse.ProtoReflect.Descriptor instead.
+func (*GetAuditCheckpointResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *GetAuditCheckpointResponse) GetCheckpoint() *AuditCheckpoint {
+	if x != nil {
+		return x.Checkpoint
+	}
+	return nil
+}
+
+type VerifyAuditRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// First record to check; 0 means 1.
+	FromSequence uint64 `protobuf:"varint,1,opt,name=from_sequence,json=fromSequence,proto3" json:"from_sequence,omitempty"`
+	// Last record to check; 0 means the head.
+	ToSequence uint64 `protobuf:"varint,2,opt,name=to_sequence,json=toSequence,proto3" json:"to_sequence,omitempty"`
+	// Checkpoints exported earlier; each must still match its record.
+	Checkpoints   []*AuditCheckpoint `protobuf:"bytes,3,rep,name=checkpoints,proto3" json:"checkpoints,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyAuditRequest) Reset() {
+	*x = VerifyAuditRequest{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyAuditRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyAuditRequest) ProtoMessage() {}
+
+func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
+func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *VerifyAuditRequest) GetFromSequence() uint64 {
+	if x != nil {
+		return x.FromSequence
+	}
+	return 0
+}
+
+func (x *VerifyAuditRequest) GetToSequence() uint64 {
+	if x != nil {
+		return x.ToSequence
+	}
+	return 0
+}
+
+func (x *VerifyAuditRequest) GetCheckpoints() []*AuditCheckpoint {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+type VerifyAuditResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when every checked record and checkpoint is intact.
+	Ok             bool   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
+	RecordsChecked uint64 `protobuf:"varint,2,opt,name=records_checked,json=recordsChecked,proto3" json:"records_checked,omitempty"`
+	// The first record found broken, when ok is false.
+	FirstBrokenSequence uint64 `protobuf:"varint,3,opt,name=first_broken_sequence,json=firstBrokenSequence,proto3" json:"first_broken_sequence,omitempty"`
+	// What is wrong with it.
+	Problem string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
+	// The head of the chain as the broker recorded it.
+	Head          *AuditCheckpoint `protobuf:"bytes,5,opt,name=head,proto3" json:"head,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyAuditResponse) Reset() {
+	*x = VerifyAuditResponse{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyAuditResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyAuditResponse) ProtoMessage() {}
+
+func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
+func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *VerifyAuditResponse) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *VerifyAuditResponse) GetRecordsChecked() uint64 {
+	if x != nil {
+		return x.RecordsChecked
+	}
+	return 0
+}
+
+func (x *VerifyAuditResponse) GetFirstBrokenSequence() uint64 {
+	if x != nil {
+		return x.FirstBrokenSequence
+	}
+	return 0
+}
+
+func (x *VerifyAuditResponse) GetProblem() string {
+	if x != nil {
+		return x.Problem
+	}
+	return ""
+}
+
+func (x *VerifyAuditResponse) GetHead() *AuditCheckpoint {
+	if x != nil {
+		return x.Head
+	}
+	return nil
+}
+
+type ExplainAccessRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	AgentId    string                 `protobuf:"bytes,1,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	Credential string                 `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"`
+	Scopes     []string               `protobuf:"bytes,3,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// As in AcquireLeaseRequest; empty means the default.
+	Ttl           *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainAccessRequest) Reset() {
+	*x = ExplainAccessRequest{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainAccessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainAccessRequest) ProtoMessage() {}
+
+func (x *ExplainAccessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainAccessRequest.ProtoReflect.Descriptor instead.
+func (*ExplainAccessRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ExplainAccessRequest) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *ExplainAccessRequest) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *ExplainAccessRequest) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *ExplainAccessRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+type ExplainAccessResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Allowed bool                   `protobuf:"varint,1,opt,name=allowed,proto3" json:"allowed,omitempty"`
+	// The status code an acquire would get, e.g. "OK", "PermissionDenied".
+	Code string `protobuf:"bytes,2,opt,name=code,proto3" json:"code,omitempty"`
+	// Why: the grant that allows it, or the exact reason for the denial.
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The grant an acquire would use, when allowed.
+	Grant *Grant `protobuf:"bytes,4,opt,name=grant,proto3" json:"grant,omitempty"`
+	// Every grant on the credential whose subject covers the agent.
+	MatchingGrants []*Grant `protobuf:"bytes,5,rep,name=matching_grants,json=matchingGrants,proto3" json:"matching_grants,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ExplainAccessResponse) Reset() {
+	*x = ExplainAccessResponse{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainAccessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainAccessResponse) ProtoMessage() {}
+
+func (x *ExplainAccessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainAccessResponse.ProtoReflect.Descriptor instead.
+func (*ExplainAccessResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ExplainAccessResponse) GetAllowed() bool {
+	if x != nil {
+		return x.Allowed
+	}
+	return false
+}
+
+func (x *ExplainAccessResponse) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+func (x *ExplainAccessResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ExplainAccessResponse) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+func (x *ExplainAccessResponse) GetMatchingGrants() []*Grant {
+	if x != nil {
+		return x.MatchingGrants
+	}
+	return nil
+}
+
 var File_leasehold_v1_admin_proto protoreflect.FileDescriptor
 
 const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x18leasehold/v1/admin.proto\x12\fleasehold.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xec\x02\n" +
+	"\x18leasehold/v1/admin.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xec\x02\n" +
 	"\x14PutCredentialRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\abackend\x18\x02 \x01(\tR\abackend\x12 \n" +
@@ -1458,14 +1995,15 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x12CreateGrantRequest\x12)\n" +
 	"\x05grant\x18\x01 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\"@\n" +
 	"\x13CreateGrantResponse\x12)\n" +
-	"\x05grant\x18\x01 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\"o\n" +
+	"\x05grant\x18\x01 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\"\x8c\x01\n" +
 	"\x11ListGrantsRequest\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
 	"credential\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x03 \x01(\tR\tpageToken\"i\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x12\x1b\n" +
+	"\tspiffe_id\x18\x04 \x01(\tR\bspiffeId\"i\n" +
 	"\x12ListGrantsResponse\x12+\n" +
 	"\x06grants\x18\x01 \x03(\v2\x13.leasehold.v1.GrantR\x06grants\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"$\n" +
@@ -1506,7 +2044,7 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
 	"\x13RevokeLeaseResponse\x12)\n" +
-	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"\xc9\x02\n" +
+	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"\x87\x03\n" +
 	"\x11QueryAuditRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
@@ -1519,10 +2057,54 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\bend_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x1b\n" +
 	"\tpage_size\x18\a \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\b \x01(\tR\tpageToken\"q\n" +
+	"page_token\x18\b \x01(\tR\tpageToken\x12\x19\n" +
+	"\blease_id\x18\t \x01(\tR\aleaseId\x12!\n" +
+	"\foldest_first\x18\n" +
+	" \x01(\bR\voldestFirst\"q\n" +
 	"\x12QueryAuditResponse\x123\n" +
 	"\arecords\x18\x01 \x03(\v2\x19.leasehold.v1.AuditRecordR\arecords\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken2\xf6\b\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xf8\x01\n" +
+	"\x11WatchAuditRequest\x12\x19\n" +
+	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x02 \x01(\tR\n" +
+	"credential\x12\x17\n" +
+	"\atask_id\x18\x03 \x01(\tR\x06taskId\x12\x19\n" +
+	"\blease_id\x18\x04 \x01(\tR\aleaseId\x122\n" +
+	"\bdecision\x18\x05 \x01(\x0e2\x16.leasehold.v1.DecisionR\bdecision\x12%\n" +
+	"\x0eafter_sequence\x18\x06 \x01(\x04R\rafterSequence\x12\x19\n" +
+	"\bfrom_now\x18\a \x01(\bR\afromNow\"G\n" +
+	"\x12WatchAuditResponse\x121\n" +
+	"\x06record\x18\x01 \x01(\v2\x19.leasehold.v1.AuditRecordR\x06record\"\x1b\n" +
+	"\x19GetAuditCheckpointRequest\"[\n" +
+	"\x1aGetAuditCheckpointResponse\x12=\n" +
+	"\n" +
+	"checkpoint\x18\x01 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\n" +
+	"checkpoint\"\x9b\x01\n" +
+	"\x12VerifyAuditRequest\x12#\n" +
+	"\rfrom_sequence\x18\x01 \x01(\x04R\ffromSequence\x12\x1f\n" +
+	"\vto_sequence\x18\x02 \x01(\x04R\n" +
+	"toSequence\x12?\n" +
+	"\vcheckpoints\x18\x03 \x03(\v2\x1d.leasehold.v1.AuditCheckpointR\vcheckpoints\"\xcf\x01\n" +
+	"\x13VerifyAuditResponse\x12\x0e\n" +
+	"\x02ok\x18\x01 \x01(\bR\x02ok\x12'\n" +
+	"\x0frecords_checked\x18\x02 \x01(\x04R\x0erecordsChecked\x122\n" +
+	"\x15first_broken_sequence\x18\x03 \x01(\x04R\x13firstBrokenSequence\x12\x18\n" +
+	"\aproblem\x18\x04 \x01(\tR\aproblem\x121\n" +
+	"\x04head\x18\x05 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x04head\"\x96\x01\n" +
+	"\x14ExplainAccessRequest\x12\x19\n" +
+	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x02 \x01(\tR\n" +
+	"credential\x12\x16\n" +
+	"\x06scopes\x18\x03 \x03(\tR\x06scopes\x12+\n" +
+	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xc6\x01\n" +
+	"\x15ExplainAccessResponse\x12\x18\n" +
+	"\aallowed\x18\x01 \x01(\bR\aallowed\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\tR\x04code\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12)\n" +
+	"\x05grant\x18\x04 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\x12<\n" +
+	"\x0fmatching_grants\x18\x05 \x03(\v2\x13.leasehold.v1.GrantR\x0ematchingGrants2\xe0\v\n" +
 	"\fAdminService\x12X\n" +
 	"\rPutCredential\x12\".leasehold.v1.PutCredentialRequest\x1a#.leasehold.v1.PutCredentialResponse\x12X\n" +
 	"\rGetCredential\x12\".leasehold.v1.GetCredentialRequest\x1a#.leasehold.v1.GetCredentialResponse\x12^\n" +
@@ -1540,7 +2122,12 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"ListLeases\x12\x1f.leasehold.v1.ListLeasesRequest\x1a .leasehold.v1.ListLeasesResponse\x12R\n" +
 	"\vRevokeLease\x12 .leasehold.v1.RevokeLeaseRequest\x1a!.leasehold.v1.RevokeLeaseResponse\x12O\n" +
 	"\n" +
-	"QueryAudit\x12\x1f.leasehold.v1.QueryAuditRequest\x1a .leasehold.v1.QueryAuditResponseB?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
+	"QueryAudit\x12\x1f.leasehold.v1.QueryAuditRequest\x1a .leasehold.v1.QueryAuditResponse\x12Q\n" +
+	"\n" +
+	"WatchAudit\x12\x1f.leasehold.v1.WatchAuditRequest\x1a .leasehold.v1.WatchAuditResponse0\x01\x12g\n" +
+	"\x12GetAuditCheckpoint\x12'.leasehold.v1.GetAuditCheckpointRequest\x1a(.leasehold.v1.GetAuditCheckpointResponse\x12R\n" +
+	"\vVerifyAudit\x12 .leasehold.v1.VerifyAuditRequest\x1a!.leasehold.v1.VerifyAuditResponse\x12X\n" +
+	"\rExplainAccess\x12\".leasehold.v1.ExplainAccessRequest\x1a#.leasehold.v1.ExplainAccessResponseB?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
 
 var (
 	file_leasehold_v1_admin_proto_rawDescOnce sync.Once
@@ -1554,93 +2141,119 @@ func file_leasehold_v1_admin_proto_rawDescGZIP() []byte {
 	return file_leasehold_v1_admin_proto_rawDescData
 }
 
-var file_leasehold_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_leasehold_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_leasehold_v1_admin_proto_goTypes = []any{
-	(*PutCredentialRequest)(nil),     // 0: leasehold.v1.PutCredentialRequest
-	(*PutCredentialResponse)(nil),    // 1: leasehold.v1.PutCredentialResponse
-	(*GetCredentialRequest)(nil),     // 2: leasehold.v1.GetCredentialRequest
-	(*GetCredentialResponse)(nil),    // 3: leasehold.v1.GetCredentialResponse
-	(*ListCredentialsRequest)(nil),   // 4: leasehold.v1.ListCredentialsRequest
-	(*ListCredentialsResponse)(nil),  // 5: leasehold.v1.ListCredentialsResponse
-	(*DeleteCredentialRequest)(nil),  // 6: leasehold.v1.DeleteCredentialRequest
-	(*DeleteCredentialResponse)(nil), // 7: leasehold.v1.DeleteCredentialResponse
-	(*CreateGrantRequest)(nil),       // 8: leasehold.v1.CreateGrantRequest
-	(*CreateGrantResponse)(nil),      // 9: leasehold.v1.CreateGrantResponse
-	(*ListGrantsRequest)(nil),        // 10: leasehold.v1.ListGrantsRequest
-	(*ListGrantsResponse)(nil),       // 11: leasehold.v1.ListGrantsResponse
-	(*DeleteGrantRequest)(nil),       // 12: leasehold.v1.DeleteGrantRequest
-	(*DeleteGrantResponse)(nil),      // 13: leasehold.v1.DeleteGrantResponse
-	(*RevokeAgentRequest)(nil),       // 14: leasehold.v1.RevokeAgentRequest
-	(*RevokeAgentResponse)(nil),      // 15: leasehold.v1.RevokeAgentResponse
-	(*ReinstateAgentRequest)(nil),    // 16: leasehold.v1.ReinstateAgentRequest
-	(*ReinstateAgentResponse)(nil),   // 17: leasehold.v1.ReinstateAgentResponse
-	(*ListAgentsRequest)(nil),        // 18: leasehold.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),       // 19: leasehold.v1.ListAgentsResponse
-	(*ListLeasesRequest)(nil),        // 20: leasehold.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),       // 21: leasehold.v1.ListLeasesResponse
-	(*RevokeLeaseRequest)(nil),       // 22: leasehold.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),      // 23: leasehold.v1.RevokeLeaseResponse
-	(*QueryAuditRequest)(nil),        // 24: leasehold.v1.QueryAuditRequest
-	(*QueryAuditResponse)(nil),       // 25: leasehold.v1.QueryAuditResponse
-	nil,                              // 26: leasehold.v1.PutCredentialRequest.ConfigEntry
-	nil,                              // 27: leasehold.v1.PutCredentialRequest.SecretEntry
-	(*Credential)(nil),               // 28: leasehold.v1.Credential
-	(*Grant)(nil),                    // 29: leasehold.v1.Grant
-	(*Agent)(nil),                    // 30: leasehold.v1.Agent
-	(*Lease)(nil),                    // 31: leasehold.v1.Lease
-	(Decision)(0),                    // 32: leasehold.v1.Decision
-	(*timestamppb.Timestamp)(nil),    // 33: google.protobuf.Timestamp
-	(*AuditRecord)(nil),              // 34: leasehold.v1.AuditRecord
+	(*PutCredentialRequest)(nil),       // 0: leasehold.v1.PutCredentialRequest
+	(*PutCredentialResponse)(nil),      // 1: leasehold.v1.PutCredentialResponse
+	(*GetCredentialRequest)(nil),       // 2: leasehold.v1.GetCredentialRequest
+	(*GetCredentialResponse)(nil),      // 3: leasehold.v1.GetCredentialResponse
+	(*ListCredentialsRequest)(nil),     // 4: leasehold.v1.ListCredentialsRequest
+	(*ListCredentialsResponse)(nil),    // 5: leasehold.v1.ListCredentialsResponse
+	(*DeleteCredentialRequest)(nil),    // 6: leasehold.v1.DeleteCredentialRequest
+	(*DeleteCredentialResponse)(nil),   // 7: leasehold.v1.DeleteCredentialResponse
+	(*CreateGrantRequest)(nil),         // 8: leasehold.v1.CreateGrantRequest
+	(*CreateGrantResponse)(nil),        // 9: leasehold.v1.CreateGrantResponse
+	(*ListGrantsRequest)(nil),          // 10: leasehold.v1.ListGrantsRequest
+	(*ListGrantsResponse)(nil),         // 11: leasehold.v1.ListGrantsResponse
+	(*DeleteGrantRequest)(nil),         // 12: leasehold.v1.DeleteGrantRequest
+	(*DeleteGrantResponse)(nil),        // 13: leasehold.v1.DeleteGrantResponse
+	(*RevokeAgentRequest)(nil),         // 14: leasehold.v1.RevokeAgentRequest
+	(*RevokeAgentResponse)(nil),        // 15: leasehold.v1.RevokeAgentResponse
+	(*ReinstateAgentRequest)(nil),      // 16: leasehold.v1.ReinstateAgentRequest
+	(*ReinstateAgentResponse)(nil),     // 17: leasehold.v1.ReinstateAgentResponse
+	(*ListAgentsRequest)(nil),          // 18: leasehold.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),         // 19: leasehold.v1.ListAgentsResponse
+	(*ListLeasesRequest)(nil),          // 20: leasehold.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),         // 21: leasehold.v1.ListLeasesResponse
+	(*RevokeLeaseRequest)(nil),         // 22: leasehold.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),        // 23: leasehold.v1.RevokeLeaseResponse
+	(*QueryAuditRequest)(nil),          // 24: leasehold.v1.QueryAuditRequest
+	(*QueryAuditResponse)(nil),         // 25: leasehold.v1.QueryAuditResponse
+	(*WatchAuditRequest)(nil),          // 26: leasehold.v1.WatchAuditRequest
+	(*WatchAuditResponse)(nil),         // 27: leasehold.v1.WatchAuditResponse
+	(*GetAuditCheckpointRequest)(nil),  // 28: leasehold.v1.GetAuditCheckpointRequest
+	(*GetAuditCheckpointResponse)(nil), // 29: leasehold.v1.GetAuditCheckpointResponse
+	(*VerifyAuditRequest)(nil),         // 30: leasehold.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),        // 31: leasehold.v1.VerifyAuditResponse
+	(*ExplainAccessRequest)(nil),       // 32: leasehold.v1.ExplainAccessRequest
+	(*ExplainAccessResponse)(nil),      // 33: leasehold.v1.ExplainAccessResponse
+	nil,                                // 34: leasehold.v1.PutCredentialRequest.ConfigEntry
+	nil,                                // 35: leasehold.v1.PutCredentialRequest.SecretEntry
+	(*Credential)(nil),                 // 36: leasehold.v1.Credential
+	(*Grant)(nil),                      // 37: leasehold.v1.Grant
+	(*Agent)(nil),                      // 38: leasehold.v1.Agent
+	(*Lease)(nil),                      // 39: leasehold.v1.Lease
+	(Decision)(0),                      // 40: leasehold.v1.Decision
+	(*timestamppb.Timestamp)(nil),      // 41: google.protobuf.Timestamp
+	(*AuditRecord)(nil),                // 42: leasehold.v1.AuditRecord
+	(*AuditCheckpoint)(nil),            // 43: leasehold.v1.AuditCheckpoint
+	(*durationpb.Duration)(nil),        // 44: google.protobuf.Duration
 }
 var file_leasehold_v1_admin_proto_depIdxs = []int32{
-	26, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
-	27, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
-	28, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	28, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	28, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
-	29, // 5: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
-	29, // 6: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
-	29, // 7: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
-	30, // 8: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
-	30, // 9: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
-	30, // 10: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
-	31, // 11: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
-	31, // 12: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	32, // 13: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
-	33, // 14: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
-	33, // 15: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
-	34, // 16: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
-	0,  // 17: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
-	2,  // 18: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
-	4,  // 19: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
-	6,  // 20: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
-	8,  // 21: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
-	10, // 22: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
-	12, // 23: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
-	14, // 24: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
-	16, // 25: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
-	18, // 26: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
-	20, // 27: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
-	22, // 28: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
-	24, // 29: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
-	1,  // 30: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
-	3,  // 31: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
-	5,  // 32: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
-	7,  // 33: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
-	9,  // 34: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
-	11, // 35: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
-	13, // 36: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
-	15, // 37: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
-	17, // 38: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
-	19, // 39: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
-	21, // 40: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
-	23, // 41: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
-	25, // 42: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
-	30, // [30:43] is the sub-list for method output_type
-	17, // [17:30] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	34, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
+	35, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
+	36, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	36, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	36, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
+	37, // 5: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
+	37, // 6: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
+	37, // 7: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
+	38, // 8: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
+	38, // 9: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
+	38, // 10: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
+	39, // 11: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
+	39, // 12: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	40, // 13: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
+	41, // 14: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
+	41, // 15: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
+	42, // 16: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
+	40, // 17: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
+	42, // 18: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
+	43, // 19: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
+	43, // 20: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
+	43, // 21: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
+	44, // 22: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
+	37, // 23: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
+	37, // 24: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
+	0,  // 25: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
+	2,  // 26: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
+	4,  // 27: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
+	6,  // 28: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
+	8,  // 29: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
+	10, // 30: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
+	12, // 31: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
+	14, // 32: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
+	16, // 33: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
+	18, // 34: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
+	20, // 35: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
+	22, // 36: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
+	24, // 37: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
+	26, // 38: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
+	28, // 39: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
+	30, // 40: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
+	32, // 41: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
+	1,  // 42: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
+	3,  // 43: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
+	5,  // 44: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
+	7,  // 45: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
+	9,  // 46: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
+	11, // 47: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
+	13, // 48: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
+	15, // 49: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
+	17, // 50: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
+	19, // 51: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
+	21, // 52: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
+	23, // 53: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
+	25, // 54: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
+	27, // 55: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
+	29, // 56: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
+	31, // 57: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
+	33, // 58: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
+	42, // [42:59] is the sub-list for method output_type
+	25, // [25:42] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_admin_proto_init() }
@@ -1655,7 +2268,7 @@ func file_leasehold_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_admin_proto_rawDesc), len(file_leasehold_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   28,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,19 +19,23 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AdminService_PutCredential_FullMethodName    = "/leasehold.v1.AdminService/PutCredential"
-	AdminService_GetCredential_FullMethodName    = "/leasehold.v1.AdminService/GetCredential"
-	AdminService_ListCredentials_FullMethodName  = "/leasehold.v1.AdminService/ListCredentials"
-	AdminService_DeleteCredential_FullMethodName = "/leasehold.v1.AdminService/DeleteCredential"
-	AdminService_CreateGrant_FullMethodName      = "/leasehold.v1.AdminService/CreateGrant"
-	AdminService_ListGrants_FullMethodName       = "/leasehold.v1.AdminService/ListGrants"
-	AdminService_DeleteGrant_FullMethodName      = "/leasehold.v1.AdminService/DeleteGrant"
-	AdminService_RevokeAgent_FullMethodName      = "/leasehold.v1.AdminService/RevokeAgent"
-	AdminService_ReinstateAgent_FullMethodName   = "/leasehold.v1.AdminService/ReinstateAgent"
-	AdminService_ListAgents_FullMethodName       = "/leasehold.v1.AdminService/ListAgents"
-	AdminService_ListLeases_FullMethodName       = "/leasehold.v1.AdminService/ListLeases"
-	AdminService_RevokeLease_FullMethodName      = "/leasehold.v1.AdminService/RevokeLease"
-	AdminService_QueryAudit_FullMethodName       = "/leasehold.v1.AdminService/QueryAudit"
+	AdminService_PutCredential_FullMethodName      = "/leasehold.v1.AdminService/PutCredential"
+	AdminService_GetCredential_FullMethodName      = "/leasehold.v1.AdminService/GetCredential"
+	AdminService_ListCredentials_FullMethodName    = "/leasehold.v1.AdminService/ListCredentials"
+	AdminService_DeleteCredential_FullMethodName   = "/leasehold.v1.AdminService/DeleteCredential"
+	AdminService_CreateGrant_FullMethodName        = "/leasehold.v1.AdminService/CreateGrant"
+	AdminService_ListGrants_FullMethodName         = "/leasehold.v1.AdminService/ListGrants"
+	AdminService_DeleteGrant_FullMethodName        = "/leasehold.v1.AdminService/DeleteGrant"
+	AdminService_RevokeAgent_FullMethodName        = "/leasehold.v1.AdminService/RevokeAgent"
+	AdminService_ReinstateAgent_FullMethodName     = "/leasehold.v1.AdminService/ReinstateAgent"
+	AdminService_ListAgents_FullMethodName         = "/leasehold.v1.AdminService/ListAgents"
+	AdminService_ListLeases_FullMethodName         = "/leasehold.v1.AdminService/ListLeases"
+	AdminService_RevokeLease_FullMethodName        = "/leasehold.v1.AdminService/RevokeLease"
+	AdminService_QueryAudit_FullMethodName         = "/leasehold.v1.AdminService/QueryAudit"
+	AdminService_WatchAudit_FullMethodName         = "/leasehold.v1.AdminService/WatchAudit"
+	AdminService_GetAuditCheckpoint_FullMethodName = "/leasehold.v1.AdminService/GetAuditCheckpoint"
+	AdminService_VerifyAudit_FullMethodName        = "/leasehold.v1.AdminService/VerifyAudit"
+	AdminService_ExplainAccess_FullMethodName      = "/leasehold.v1.AdminService/ExplainAccess"
 )
 
 // AdminServiceClient is the client API for AdminService service.
@@ -63,8 +67,21 @@ type AdminServiceClient interface {
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
 	RevokeLease(ctx context.Context, in *RevokeLeaseRequest, opts ...grpc.CallOption) (*RevokeLeaseResponse, error)
 	// QueryAudit answers "which agents accessed which credentials, when, and
-	// for what purpose", newest first.
+	// for what purpose", newest first (or oldest first), from indexes.
 	QueryAudit(ctx context.Context, in *QueryAuditRequest, opts ...grpc.CallOption) (*QueryAuditResponse, error)
+	// WatchAudit streams matching audit records as they are written, oldest
+	// first, starting after after_sequence. Reconnecting with the last
+	// sequence received neither skips nor repeats a record.
+	WatchAudit(ctx context.Context, in *WatchAuditRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAuditResponse], error)
+	// GetAuditCheckpoint returns the head of the audit chain, to be kept
+	// outside the broker.
+	GetAuditCheckpoint(ctx context.Context, in *GetAuditCheckpointRequest, opts ...grpc.CallOption) (*GetAuditCheckpointResponse, error)
+	// VerifyAudit recomputes the hash chain and names the first record that
+	// was altered, removed or re-linked.
+	VerifyAudit(ctx context.Context, in *VerifyAuditRequest, opts ...grpc.CallOption) (*VerifyAuditResponse, error)
+	// ExplainAccess says whether an agent's acquire would be allowed, by which
+	// grant, or exactly why not. It issues and records nothing.
+	ExplainAccess(ctx context.Context, in *ExplainAccessRequest, opts ...grpc.CallOption) (*ExplainAccessResponse, error)
 }
 
 type adminServiceClient struct {
@@ -205,6 +222,55 @@ func (c *adminServiceClient) QueryAudit(ctx context.Context, in *QueryAuditReque
 	return out, nil
 }
 
+func (c *adminServiceClient) WatchAudit(ctx context.Context, in *WatchAuditRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchAuditResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &AdminService_ServiceDesc.Streams[0], AdminService_WatchAudit_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchAuditRequest, WatchAuditResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_WatchAuditClient = grpc.ServerStreamingClient[WatchAuditResponse]
+
+func (c *adminServiceClient) GetAuditCheckpoint(ctx context.Context, in *GetAuditCheckpointRequest, opts ...grpc.CallOption) (*GetAuditCheckpointResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetAuditCheckpointResponse)
+	err := c.cc.Invoke(ctx, AdminService_GetAuditCheckpoint_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) VerifyAudit(ctx context.Context, in *VerifyAuditRequest, opts ...grpc.CallOption) (*VerifyAuditResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VerifyAuditResponse)
+	err := c.cc.Invoke(ctx, AdminService_VerifyAudit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) ExplainAccess(ctx context.Context, in *ExplainAccessRequest, opts ...grpc.CallOption) (*ExplainAccessResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExplainAccessResponse)
+	err := c.cc.Invoke(ctx, AdminService_ExplainAccess_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServiceServer is the server API for AdminService service.
 // All implementations must embed UnimplementedAdminServiceServer
 // for forward compatibility.
@@ -234,8 +300,21 @@ type AdminServiceServer interface {
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
 	RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error)
 	// QueryAudit answers "which agents accessed which credentials, when, and
-	// for what purpose", newest first.
+	// for what purpose", newest first (or oldest first), from indexes.
 	QueryAudit(context.Context, *QueryAuditRequest) (*QueryAuditResponse, error)
+	// WatchAudit streams matching audit records as they are written, oldest
+	// first, starting after after_sequence. Reconnecting with the last
+	// sequence received neither skips nor repeats a record.
+	WatchAudit(*WatchAuditRequest, grpc.ServerStreamingServer[WatchAuditResponse]) error
+	// GetAuditCheckpoint returns the head of the audit chain, to be kept
+	// outside the broker.
+	GetAuditCheckpoint(context.Context, *GetAuditCheckpointRequest) (*GetAuditCheckpointResponse, error)
+	// VerifyAudit recomputes the hash chain and names the first record that
+	// was altered, removed or re-linked.
+	VerifyAudit(context.Context, *VerifyAuditRequest) (*VerifyAuditResponse, error)
+	// ExplainAccess says whether an agent's acquire would be allowed, by which
+	// grant, or exactly why not. It issues and records nothing.
+	ExplainAccess(context.Context, *ExplainAccessRequest) (*ExplainAccessResponse, error)
 	mustEmbedUnimplementedAdminServiceServer()
 }
 
@@ -284,6 +363,18 @@ func (UnimplementedAdminServiceServer) RevokeLease(context.Context, *RevokeLease
 }
 func (UnimplementedAdminServiceServer) QueryAudit(context.Context, *QueryAuditRequest) (*QueryAuditResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method QueryAudit not implemented")
+}
+func (UnimplementedAdminServiceServer) WatchAudit(*WatchAuditRequest, grpc.ServerStreamingServer[WatchAuditResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchAudit not implemented")
+}
+func (UnimplementedAdminServiceServer) GetAuditCheckpoint(context.Context, *GetAuditCheckpointRequest) (*GetAuditCheckpointResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAuditCheckpoint not implemented")
+}
+func (UnimplementedAdminServiceServer) VerifyAudit(context.Context, *VerifyAuditRequest) (*VerifyAuditResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method VerifyAudit not implemented")
+}
+func (UnimplementedAdminServiceServer) ExplainAccess(context.Context, *ExplainAccessRequest) (*ExplainAccessResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExplainAccess not implemented")
 }
 func (UnimplementedAdminServiceServer) mustEmbedUnimplementedAdminServiceServer() {}
 func (UnimplementedAdminServiceServer) testEmbeddedByValue()                      {}
@@ -540,6 +631,71 @@ func _AdminService_QueryAudit_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_WatchAudit_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchAuditRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServiceServer).WatchAudit(m, &grpc.GenericServerStream[WatchAuditRequest, WatchAuditResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type AdminService_WatchAuditServer = grpc.ServerStreamingServer[WatchAuditResponse]
+
+func _AdminService_GetAuditCheckpoint_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAuditCheckpointRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).GetAuditCheckpoint(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_GetAuditCheckpoint_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).GetAuditCheckpoint(ctx, req.(*GetAuditCheckpointRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_VerifyAudit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyAuditRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).VerifyAudit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_VerifyAudit_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).VerifyAudit(ctx, req.(*VerifyAuditRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_ExplainAccess_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExplainAccessRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).ExplainAccess(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_ExplainAccess_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).ExplainAccess(ctx, req.(*ExplainAccessRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AdminService_ServiceDesc is the grpc.ServiceDesc for AdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -599,7 +755,25 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "QueryAudit",
 			Handler:    _AdminService_QueryAudit_Handler,
 		},
+		{
+			MethodName: "GetAuditCheckpoint",
+			Handler:    _AdminService_GetAuditCheckpoint_Handler,
+		},
+		{
+			MethodName: "VerifyAudit",
+			Handler:    _AdminService_VerifyAudit_Handler,
+		},
+		{
+			MethodName: "ExplainAccess",
+			Handler:    _AdminService_ExplainAccess_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchAudit",
+			Handler:       _AdminService_WatchAudit_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "leasehold/v1/admin.proto",
 }

@@ -799,7 +799,12 @@ type AuditRecord struct {
 	// The x-request-id of the RPC that caused the record.
 	RequestId string `protobuf:"bytes,14,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// The gRPC status code name the caller saw, e.g. "OK" or "PermissionDenied".
-	Code          string `protobuf:"bytes,15,opt,name=code,proto3" json:"code,omitempty"`
+	Code string `protobuf:"bytes,15,opt,name=code,proto3" json:"code,omitempty"`
+	// Hex SHA-256 of this record's canonical encoding, which includes
+	// prev_hash: the records form a hash chain that VerifyAudit checks.
+	Hash string `protobuf:"bytes,16,opt,name=hash,proto3" json:"hash,omitempty"`
+	// Hex hash of the previous record; empty for the first.
+	PrevHash      string `protobuf:"bytes,17,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -939,6 +944,84 @@ func (x *AuditRecord) GetCode() string {
 	return ""
 }
 
+func (x *AuditRecord) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetPrevHash() string {
+	if x != nil {
+		return x.PrevHash
+	}
+	return ""
+}
+
+// AuditCheckpoint pins the audit chain at one record. Keep checkpoints
+// outside the broker; VerifyAudit with them proves the log up to each was
+// not rewritten since.
+type AuditCheckpoint struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Sequence uint64                 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// Hex SHA-256 of the record at sequence.
+	Hash          string                 `protobuf:"bytes,2,opt,name=hash,proto3" json:"hash,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditCheckpoint) Reset() {
+	*x = AuditCheckpoint{}
+	mi := &file_leasehold_v1_types_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditCheckpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditCheckpoint) ProtoMessage() {}
+
+func (x *AuditCheckpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_types_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditCheckpoint.ProtoReflect.Descriptor instead.
+func (*AuditCheckpoint) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *AuditCheckpoint) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *AuditCheckpoint) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
+func (x *AuditCheckpoint) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
 var File_leasehold_v1_types_proto protoreflect.FileDescriptor
 
 const file_leasehold_v1_types_proto_rawDesc = "" +
@@ -1009,7 +1092,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"revoked_by\x18\x05 \x01(\tR\trevokedBy\x129\n" +
 	"\n" +
 	"first_seen\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tfirstSeen\x127\n" +
-	"\tlast_seen\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\"\xe3\x03\n" +
+	"\tlast_seen\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\"\x94\x04\n" +
 	"\vAuditRecord\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12.\n" +
@@ -1029,7 +1112,13 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x06reason\x18\r \x01(\tR\x06reason\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x0e \x01(\tR\trequestId\x12\x12\n" +
-	"\x04code\x18\x0f \x01(\tR\x04code*\x8d\x01\n" +
+	"\x04code\x18\x0f \x01(\tR\x04code\x12\x12\n" +
+	"\x04hash\x18\x10 \x01(\tR\x04hash\x12\x1b\n" +
+	"\tprev_hash\x18\x11 \x01(\tR\bprevHash\"q\n" +
+	"\x0fAuditCheckpoint\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x12\n" +
+	"\x04hash\x18\x02 \x01(\tR\x04hash\x12.\n" +
+	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time*\x8d\x01\n" +
 	"\n" +
 	"LeaseState\x12\x1b\n" +
 	"\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -1071,7 +1160,7 @@ func file_leasehold_v1_types_proto_rawDescGZIP() []byte {
 }
 
 var file_leasehold_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_leasehold_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_leasehold_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_leasehold_v1_types_proto_goTypes = []any{
 	(LeaseState)(0),               // 0: leasehold.v1.LeaseState
 	(AuditEvent)(0),               // 1: leasehold.v1.AuditEvent
@@ -1082,34 +1171,36 @@ var file_leasehold_v1_types_proto_goTypes = []any{
 	(*Grant)(nil),                 // 6: leasehold.v1.Grant
 	(*Agent)(nil),                 // 7: leasehold.v1.Agent
 	(*AuditRecord)(nil),           // 8: leasehold.v1.AuditRecord
-	nil,                           // 9: leasehold.v1.Credential.ConfigEntry
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
+	(*AuditCheckpoint)(nil),       // 9: leasehold.v1.AuditCheckpoint
+	nil,                           // 10: leasehold.v1.Credential.ConfigEntry
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
 }
 var file_leasehold_v1_types_proto_depIdxs = []int32{
 	3,  // 0: leasehold.v1.Lease.task:type_name -> leasehold.v1.Task
 	0,  // 1: leasehold.v1.Lease.state:type_name -> leasehold.v1.LeaseState
-	10, // 2: leasehold.v1.Lease.issued_at:type_name -> google.protobuf.Timestamp
-	10, // 3: leasehold.v1.Lease.expires_at:type_name -> google.protobuf.Timestamp
-	10, // 4: leasehold.v1.Lease.max_expires_at:type_name -> google.protobuf.Timestamp
-	10, // 5: leasehold.v1.Lease.ended_at:type_name -> google.protobuf.Timestamp
-	9,  // 6: leasehold.v1.Credential.config:type_name -> leasehold.v1.Credential.ConfigEntry
-	10, // 7: leasehold.v1.Credential.created_at:type_name -> google.protobuf.Timestamp
-	10, // 8: leasehold.v1.Credential.updated_at:type_name -> google.protobuf.Timestamp
-	11, // 9: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
-	11, // 10: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
-	10, // 11: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	10, // 12: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
-	10, // 13: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
-	10, // 14: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
-	10, // 15: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	11, // 2: leasehold.v1.Lease.issued_at:type_name -> google.protobuf.Timestamp
+	11, // 3: leasehold.v1.Lease.expires_at:type_name -> google.protobuf.Timestamp
+	11, // 4: leasehold.v1.Lease.max_expires_at:type_name -> google.protobuf.Timestamp
+	11, // 5: leasehold.v1.Lease.ended_at:type_name -> google.protobuf.Timestamp
+	10, // 6: leasehold.v1.Credential.config:type_name -> leasehold.v1.Credential.ConfigEntry
+	11, // 7: leasehold.v1.Credential.created_at:type_name -> google.protobuf.Timestamp
+	11, // 8: leasehold.v1.Credential.updated_at:type_name -> google.protobuf.Timestamp
+	12, // 9: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
+	12, // 10: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
+	11, // 11: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	11, // 12: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
+	11, // 13: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
+	11, // 14: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
+	11, // 15: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
 	1,  // 16: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
 	2,  // 17: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
-	18, // [18:18] is the sub-list for method output_type
-	18, // [18:18] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	11, // 18: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_types_proto_init() }
@@ -1127,7 +1218,7 @@ func file_leasehold_v1_types_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_types_proto_rawDesc), len(file_leasehold_v1_types_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
