@@ -7,12 +7,10 @@ import (
 	"io"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
 )
@@ -52,11 +50,8 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	agent := fs.String("agent", "", "agent SPIFFE ID")
 	task := fs.String("task", "", "task id")
 	active := fs.Bool("active", false, "only active leases")
-	decision := fs.String("decision", "", "allow or deny")
-	since := fs.Duration("since", 0, "only records newer than this")
 	limit := fs.Int("limit", 50, "page size")
 	pageToken := fs.String("page-token", "", "page token from a previous call")
-	format := fs.String("format", "table", "audit output: table or json")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -179,51 +174,8 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		}
 		r, err := admin.RevokeLease(ctx, &leaseholdv1.RevokeLeaseRequest{LeaseId: id, Reason: *reason})
 		return emit(stdout, r, err)
-	case "audit query":
-		q := &leaseholdv1.QueryAuditRequest{AgentId: *agent, Credential: *credential, TaskId: *task, PageSize: int32(*limit), PageToken: *pageToken}
-		switch *decision {
-		case "":
-		case "allow":
-			q.Decision = leaseholdv1.Decision_DECISION_ALLOW
-		case "deny":
-			q.Decision = leaseholdv1.Decision_DECISION_DENY
-		default:
-			return usageErr("--decision must be allow or deny")
-		}
-		if *since > 0 {
-			q.StartTime = timestamppb.New(time.Now().Add(-*since))
-		}
-		r, err := admin.QueryAudit(ctx, q)
-		if err != nil || *format == "json" {
-			return emit(stdout, r, err)
-		}
-		printAuditTable(stdout, r)
-		return nil
 	}
 	return usageErr("unknown command %q", verb)
-}
-
-func printAuditTable(w io.Writer, r *leaseholdv1.QueryAuditResponse) {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SEQ\tTIME\tEVENT\tDECISION\tACTOR\tAGENT\tCREDENTIAL\tTASK\tLEASE\tREASON")
-	for _, rec := range r.GetRecords() {
-		event := strings.ToLower(strings.TrimPrefix(rec.GetEvent().String(), "AUDIT_EVENT_"))
-		dec := strings.ToLower(strings.TrimPrefix(rec.GetDecision().String(), "DECISION_"))
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", rec.GetSequence(),
-			rec.GetTime().AsTime().Local().Format("15:04:05.000"), event, dec, dash(rec.GetActor()), dash(rec.GetAgentId()),
-			dash(rec.GetCredential()), dash(rec.GetTaskId()), dash(rec.GetLeaseId()), dash(rec.GetReason()))
-	}
-	tw.Flush()
-	if r.GetNextPageToken() != "" {
-		fmt.Fprintf(w, "(more: --page-token %s)\n", r.GetNextPageToken())
-	}
-}
-
-func dash(s string) string {
-	if s == "" {
-		return "-"
-	}
-	return s
 }
 
 // emit prints a response as JSON, or the RPC error as "Code: message".

@@ -36,7 +36,14 @@ Admin:
   grant list [--credential C] | grant delete GRANT_ID
   agent revoke SPIFFE_ID --reason R | agent reinstate SPIFFE_ID | agent list [--revoked]
   lease list [--agent ID] [--task T] [--active] | lease revoke LEASE_ID [--reason R]
-  audit query [--agent ID] [--credential C] [--task T] [--decision allow|deny] [--since D] [--limit N] [--format table|json]
+  audit query [--agent ID] [--credential C] [--task T] [--lease L] [--decision allow|deny]
+              [--since D] [--until D] [--oldest-first] [--limit N] [--format table|json]
+  audit watch [same filters] [--after SEQ | --from-now] [--format table|json]
+  audit checkpoint                 print the chain head; keep it outside the broker
+  audit verify [--from SEQ] [--to SEQ] [--checkpoint FILE]...
+  explain SPIFFE_ID CREDENTIAL --scopes S [--ttl D]     would an acquire be allowed, and why
+  report agent SPIFFE_ID [--since D] [--json]           what it may access and what it did access
+  report credential NAME [--since D] [--json]           who may access it and who did
 
 Connection flags (or env LEASEHOLD_ADDR, LEASEHOLD_CERT, LEASEHOLD_KEY, LEASEHOLD_BUNDLE):
   --addr HOST:PORT   broker address (default 127.0.0.1:8443)
@@ -94,7 +101,9 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdDev(rest, stdout, stderr)
 	case "acquire", "renew", "release", "whoami", "health":
 		return cmdAgent(verb, rest, conn, stdout, stderr)
-	case "credential", "grant", "agent", "lease", "audit":
+	case "audit", "report", "explain":
+		return cmdAudit(verb, rest, conn, stdout, stderr)
+	case "credential", "grant", "agent", "lease":
 		if len(rest) == 0 {
 			return usageErr("%s needs a sub-command", verb)
 		}
