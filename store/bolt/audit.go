@@ -38,6 +38,10 @@ func (t *boltTx) head() (auditHead, error) {
 // to the previous head, and the head is moved to it.
 func (t *boltTx) AppendAudit(r *store.AuditRecord) (uint64, error) {
 	b := t.tx.Bucket(bAudit)
+	// Records and the time index only ever grow at the end: fill their
+	// pages instead of splitting them half-empty.
+	b.FillPercent = 1
+	t.tx.Bucket(bAuditByTime).FillPercent = 1
 	meta := t.tx.Bucket(bMeta)
 	seq, err := b.NextSequence()
 	if err != nil {
@@ -98,6 +102,7 @@ var auditIndexes = []auditIndex{
 	{bAuditByTask, func(r *store.AuditRecord) string { return r.TaskID }, func(q store.AuditQuery) string { return q.TaskID }},
 	{bAuditByAgent, func(r *store.AuditRecord) string { return r.AgentID }, func(q store.AuditQuery) string { return q.AgentID }},
 	{bAuditByCred, func(r *store.AuditRecord) string { return r.Credential }, func(q store.AuditQuery) string { return q.Credential }},
+	{bAuditByDecision, func(r *store.AuditRecord) string { return string(r.Decision) }, func(q store.AuditQuery) string { return string(q.Decision) }},
 }
 
 func decisionByte(d store.Decision) byte {

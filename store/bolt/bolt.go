@@ -26,28 +26,29 @@ import (
 )
 
 var (
-	bMeta         = []byte("meta")
-	bCredentials  = []byte("credentials")
-	bCredVersions = []byte("credential_versions")
-	bGrants       = []byte("grants")
-	bGrantsByCred = []byte("idx_grants_credential")
-	bAgents       = []byte("agents")
-	bLeases       = []byte("leases")
-	bLeaseByAgent = []byte("idx_leases_agent")
-	bLeaseByTask  = []byte("idx_leases_task")
-	bLeaseByGrant = []byte("idx_leases_grant")
-	bLeaseByCred  = []byte("idx_leases_credential")
-	bLeaseExpiry  = []byte("idx_leases_expiry")
-	bAudit        = []byte("audit")
-	bAuditByAgent = []byte("idx_audit_agent")
-	bAuditByCred  = []byte("idx_audit_credential")
-	bAuditByTask  = []byte("idx_audit_task")
-	bAuditByLease = []byte("idx_audit_lease")
-	bAuditByTime  = []byte("idx_audit_time")
+	bMeta            = []byte("meta")
+	bCredentials     = []byte("credentials")
+	bCredVersions    = []byte("credential_versions")
+	bGrants          = []byte("grants")
+	bGrantsByCred    = []byte("idx_grants_credential")
+	bAgents          = []byte("agents")
+	bLeases          = []byte("leases")
+	bLeaseByAgent    = []byte("idx_leases_agent")
+	bLeaseByTask     = []byte("idx_leases_task")
+	bLeaseByGrant    = []byte("idx_leases_grant")
+	bLeaseByCred     = []byte("idx_leases_credential")
+	bLeaseExpiry     = []byte("idx_leases_expiry")
+	bAudit           = []byte("audit")
+	bAuditByAgent    = []byte("idx_audit_agent")
+	bAuditByCred     = []byte("idx_audit_credential")
+	bAuditByTask     = []byte("idx_audit_task")
+	bAuditByLease    = []byte("idx_audit_lease")
+	bAuditByDecision = []byte("idx_audit_decision")
+	bAuditByTime     = []byte("idx_audit_time")
 
 	allBuckets = [][]byte{bMeta, bCredentials, bCredVersions, bGrants, bGrantsByCred, bAgents,
 		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
-		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByTime}
+		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByDecision, bAuditByTime}
 
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")
