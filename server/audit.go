@@ -57,6 +57,9 @@ func (s *Server) deny(ctx context.Context, r *store.AuditRecord, denial error) e
 	})
 	if err != nil {
 		s.log.ErrorContext(ctx, "audit write failed for a denial", "error", err.Error(), "request_id", requestIDFrom(ctx))
+		if errors.Is(err, errAuditDeadline) {
+			return errAuditDeadline
+		}
 		return errAuditUnavailable
 	}
 	return denial
@@ -68,6 +71,9 @@ func (s *Server) deny(ctx context.Context, r *store.AuditRecord, denial error) e
 func (s *Server) writeFailed(ctx context.Context, err error) error {
 	var ae *apiError
 	if errors.As(err, &ae) || errors.Is(err, store.ErrNotFound) || errors.Is(err, context.Canceled) {
+		if errors.Is(err, errAuditDeadline) {
+			s.log.ErrorContext(ctx, "write missed the audit deadline", "request_id", requestIDFrom(ctx))
+		}
 		return err
 	}
 	s.log.ErrorContext(ctx, "store write failed", "error", err.Error(), "request_id", requestIDFrom(ctx))

@@ -52,6 +52,8 @@ func (c *clock) Advance(d time.Duration) { c.off.Add(int64(d)) }
 type faultStore struct {
 	store.Store
 	failAudit atomic.Bool
+	// stall, when set, blocks every write until the channel is closed.
+	stall atomic.Pointer[chan struct{}]
 }
 
 type faultTx struct{ store.Tx }
@@ -61,6 +63,9 @@ func (faultTx) AppendAudit(*store.AuditRecord) (uint64, error) {
 }
 
 func (f *faultStore) Update(ctx context.Context, fn func(store.Tx) error) error {
+	if p := f.stall.Load(); p != nil {
+		<-*p
+	}
 	return f.Store.Update(ctx, func(tx store.Tx) error {
 		if f.failAudit.Load() {
 			tx = faultTx{tx}
@@ -107,7 +112,7 @@ type env struct {
 	agent1, agent2 leaseholdv1.BrokerServiceClient
 }
 
-func newEnv(t testing.TB) *env {
+func newEnv(t testing.TB, opts ...func(*server.Config)) *env {
 	t.Helper()
 	ca, err := identity.NewDevCA(td)
 	require.NoError(t, err)
@@ -119,6 +124,9 @@ func newEnv(t testing.TB) *env {
 	require.NoError(t, err)
 	e := &env{t: t, dir: dir, ca: ca, keyr: keyr, clock: &clock{}, logs: &syncBuffer{}, spans: tracetest.NewSpanRecorder(),
 		cfg: server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 20 * time.Millisecond}}
+	for _, o := range opts {
+		o(&e.cfg)
+	}
 	e.start()
 	t.Cleanup(e.stop)
 	return e

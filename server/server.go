@@ -11,12 +11,14 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -48,6 +50,11 @@ type Config struct {
 	ReaperInterval time.Duration
 	// HealthInterval is how often store readiness is checked. Default 5s.
 	HealthInterval time.Duration
+	// AuditDeadline bounds how long a request waits for its write (lease
+	// and audit record) to become durable. Past it the caller gets
+	// Unavailable and no secret, and the broker reports NOT_SERVING until
+	// the stalled write completes. Default 5s.
+	AuditDeadline time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -66,6 +73,9 @@ func (c *Config) setDefaults() {
 	if c.HealthInterval == 0 {
 		c.HealthInterval = 5 * time.Second
 	}
+	if c.AuditDeadline == 0 {
+		c.AuditDeadline = 5 * time.Second
+	}
 }
 
 // Validate reports settings that cannot work.
@@ -77,7 +87,7 @@ func (c Config) Validate() error {
 	if c.Admins.Len() == 0 {
 		errs = append(errs, errors.New("at least one admin SPIFFE ID is required"))
 	}
-	if c.DefaultTTL < 0 || c.MaxTTL < 0 || c.MaxLifetime < 0 || c.ReaperInterval < 0 || c.HealthInterval < 0 {
+	if c.DefaultTTL < 0 || c.MaxTTL < 0 || c.MaxLifetime < 0 || c.ReaperInterval < 0 || c.HealthInterval < 0 || c.AuditDeadline < 0 {
 		errs = append(errs, errors.New("durations must not be negative"))
 	}
 	if c.DefaultTTL > c.MaxTTL && c.MaxTTL > 0 {
@@ -119,6 +129,8 @@ type Server struct {
 
 	// auditCommitted wakes WatchAudit streams after each committed write.
 	auditCommitted *notifier
+	// guard bounds every write by AuditDeadline; it is also s.store.
+	guard *guardedStore
 
 	stopOnce sync.Once
 	stop     chan struct{}
@@ -144,8 +156,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		deps.TracerProvider = otel.GetTracerProvider()
 	}
 	committed := newNotifier()
+	guard := &guardedStore{Store: deps.Store, n: committed, deadline: cfg.AuditDeadline}
 	s := &Server{
-		cfg: cfg, store: &notifyingStore{Store: deps.Store, n: committed}, auditCommitted: committed, backends: deps.Backends, keyring: deps.Keyring,
+		cfg: cfg, store: guard, guard: guard, auditCommitted: committed, backends: deps.Backends, keyring: deps.Keyring,
 		log: deps.Logger, now: deps.Now, stop: make(chan struct{}),
 		health: health.NewServer(),
 		tracer: deps.TracerProvider.Tracer(instrumentationName),
@@ -171,6 +184,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	guard.onStall = func(bool) { s.updateHealth(context.Background()) }
 	return s, nil
 }
 
@@ -212,26 +226,43 @@ func (s *Server) Stop(ctx context.Context) {
 	})
 }
 
+// AuditHealthService is the health service name that reports whether
+// audit writes become durable within the deadline.
+const AuditHealthService = "leasehold.audit"
+
 func (s *Server) runHealth() {
 	t := time.NewTicker(s.cfg.HealthInterval)
 	defer t.Stop()
 	for {
-		st := healthpb.HealthCheckResponse_SERVING
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.HealthInterval)
-		if err := s.store.Ready(ctx); err != nil {
-			st = healthpb.HealthCheckResponse_NOT_SERVING
-			s.log.Warn("store not ready", "error", err.Error())
-		}
-		cancel()
-		for _, svc := range []string{"", leaseholdv1.BrokerService_ServiceDesc.ServiceName, leaseholdv1.AdminService_ServiceDesc.ServiceName} {
-			s.health.SetServingStatus(svc, st)
-		}
+		s.updateHealth(context.Background())
 		select {
 		case <-s.stop:
 			return
 		case <-t.C:
 		}
 	}
+}
+
+// updateHealth sets every service's status from store readiness and
+// whether a write is stalled past the audit deadline.
+func (s *Server) updateHealth(ctx context.Context) {
+	ready := healthpb.HealthCheckResponse_SERVING
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.HealthInterval)
+	defer cancel()
+	if err := s.store.Ready(ctx); err != nil {
+		ready = healthpb.HealthCheckResponse_NOT_SERVING
+		s.log.Warn("store not ready", "error", err.Error())
+	}
+	audit := ready
+	if s.guard.stalled.Load() {
+		audit = healthpb.HealthCheckResponse_NOT_SERVING
+	}
+	// Without durable audit nothing can be issued, so the broker as a whole
+	// is not serving either.
+	for _, svc := range []string{"", leaseholdv1.BrokerService_ServiceDesc.ServiceName, AuditHealthService} {
+		s.health.SetServingStatus(svc, audit)
+	}
+	s.health.SetServingStatus(leaseholdv1.AdminService_ServiceDesc.ServiceName, ready)
 }
 
 // notifier is a broadcast: wait returns a channel that closes at the next
@@ -256,18 +287,57 @@ func (n *notifier) notify() {
 	n.ch = make(chan struct{})
 }
 
-// notifyingStore wakes watchers after every committed write transaction.
-// Every write the broker makes appends audit records, so a commit is the
-// moment new records become visible.
-type notifyingStore struct {
+// guardedStore is the store as the server uses it: every Update waits at
+// most deadline for its commit, and watchers are woken after each commit
+// (every write the broker makes appends audit records, so a commit is the
+// moment new records become visible).
+//
+// A write that misses the deadline keeps running in the background; if it
+// commits later, its lease stays unused and expires, and its audit record
+// says what was decided. The caller got Unavailable and no secret.
+type guardedStore struct {
 	store.Store
-	n *notifier
+	n        *notifier
+	deadline time.Duration
+	stalled  atomic.Bool
+	pending  atomic.Int64 // writes past their deadline, not finished
+	onStall  func(stalled bool)
 }
 
-func (s *notifyingStore) Update(ctx context.Context, fn func(store.Tx) error) error {
-	err := s.Store.Update(ctx, fn)
-	if err == nil {
-		s.n.notify()
+var errAuditDeadline = newAPIError(codes.Unavailable,
+	"the audit trail did not become durable in time, so nothing was issued; retry later")
+
+func (g *guardedStore) Update(ctx context.Context, fn func(store.Tx) error) error {
+	done := make(chan error, 1)
+	go func() {
+		err := g.Store.Update(context.WithoutCancel(ctx), fn)
+		if err == nil {
+			g.n.notify()
+		}
+		done <- err
+	}()
+	t := time.NewTimer(g.deadline)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
 	}
-	return err
+	if g.pending.Add(1) == 1 {
+		g.setStalled(true)
+	}
+	go func() {
+		<-done
+		if g.pending.Add(-1) == 0 {
+			g.setStalled(false)
+		}
+	}()
+	return errAuditDeadline
+}
+
+func (g *guardedStore) setStalled(v bool) {
+	g.stalled.Store(v)
+	if g.onStall != nil {
+		g.onStall(v)
+	}
 }
