@@ -108,6 +108,7 @@ type env struct {
 	served chan error
 
 	spans          *tracetest.SpanRecorder
+	sinks          []server.AuditSink
 	admin          leaseholdv1.AdminServiceClient
 	agent1, agent2 leaseholdv1.BrokerServiceClient
 }
@@ -171,6 +172,7 @@ func (e *env) start() {
 		Logger:         slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Now:            e.clock.Now,
 		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans)),
+		AuditSinks:     e.sinks,
 	})
 	require.NoError(t, err)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

@@ -113,6 +113,8 @@ type Deps struct {
 	// TracerProvider receives the broker's spans. Default: the global
 	// provider (a no-op unless the program installs one).
 	TracerProvider trace.TracerProvider
+	// AuditSinks receive a copy of the audit trail (see AuditSink).
+	AuditSinks []AuditSink
 }
 
 // Server is a configured broker.
@@ -124,6 +126,7 @@ type Server struct {
 	log      *slog.Logger
 	now      func() time.Time
 	tracer   trace.Tracer
+	sinks    []AuditSink
 	grpc     *grpc.Server
 	health   *health.Server
 
@@ -162,6 +165,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		log: deps.Logger, now: deps.Now, stop: make(chan struct{}),
 		health: health.NewServer(),
 		tracer: deps.TracerProvider.Tracer(instrumentationName),
+		sinks:  deps.AuditSinks,
 	}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(deps.Credentials),
@@ -203,9 +207,12 @@ func (s *Server) Serve(lis net.Listener) error {
 }
 
 func (s *Server) startBackground() {
-	s.bg.Add(2)
+	s.bg.Add(2 + len(s.sinks))
 	go func() { defer s.bg.Done(); s.runReaper() }()
 	go func() { defer s.bg.Done(); s.runHealth() }()
+	for _, sink := range s.sinks {
+		go func() { defer s.bg.Done(); s.runExport(sink) }()
+	}
 }
 
 // Stop marks the server not serving, lets in-flight RPCs finish for up to
@@ -223,6 +230,11 @@ func (s *Server) Stop(ctx context.Context) {
 		}
 		close(s.stop)
 		s.bg.Wait()
+		for _, sink := range s.sinks {
+			if err := sink.Close(); err != nil {
+				s.log.Warn("closing audit sink", "sink", sink.Name(), "error", err.Error())
+			}
+		}
 	})
 }
 

@@ -81,6 +81,10 @@ type ReadTx interface {
 	// recorded it when appending (zero when the trail is empty). It is kept
 	// apart from the records, so removing records from the end shows.
 	AuditHead() (AuditCheckpoint, error)
+
+	// GetCursor returns a named position (e.g. how far an export sink got);
+	// 0 when it was never set.
+	GetCursor(name string) (uint64, error)
 }
 
 // Tx reads and writes records. Writes become visible to other transactions
@@ -110,6 +114,9 @@ type Tx interface {
 	// AppendAudit assigns the record the next sequence number and a time no
 	// earlier than the previous record's, stores it, and returns the sequence.
 	AppendAudit(r *AuditRecord) (uint64, error)
+
+	// PutCursor sets a named position.
+	PutCursor(name string, v uint64) error
 }
 
 // Credential is a named source of secrets. Secret values are not here: they

@@ -28,7 +28,23 @@ type Config struct {
 	// of the store's directory backups.
 	KEKFile string      `yaml:"kek_file"`
 	Leases  LeaseConfig `yaml:"leases"`
+	Audit   AuditConfig `yaml:"audit"`
 	Log     LogConfig   `yaml:"log"`
+}
+
+// AuditConfig shapes the audit trail.
+type AuditConfig struct {
+	// Deadline bounds the wait for a write to become durable; past it the
+	// request fails with Unavailable and nothing is issued. Default 5s.
+	Deadline time.Duration `yaml:"deadline"`
+	// Sinks receive a copy of every record as JSON lines.
+	Sinks []SinkConfig `yaml:"sinks"`
+}
+
+// SinkConfig is one export sink: {type: file, path: ...} or {type: stdout}.
+type SinkConfig struct {
+	Type string `yaml:"type"`
+	Path string `yaml:"path"`
 }
 
 // IdentityConfig says where the broker's own SVID comes from: PEM files
@@ -101,6 +117,16 @@ func (c Config) Validate() error {
 	if c.KEKFile == "" {
 		errs = append(errs, errors.New("kek_file is required"))
 	}
+	for i, sk := range c.Audit.Sinks {
+		switch {
+		case sk.Type == "file" && sk.Path == "":
+			errs = append(errs, fmt.Errorf("audit.sinks[%d]: a file sink needs a path", i))
+		case sk.Type == "stdout" && sk.Path != "":
+			errs = append(errs, fmt.Errorf("audit.sinks[%d]: a stdout sink takes no path", i))
+		case sk.Type != "file" && sk.Type != "stdout":
+			errs = append(errs, fmt.Errorf("audit.sinks[%d]: type %q is unknown (valid: file, stdout)", i, sk.Type))
+		}
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -172,6 +198,7 @@ var settings = []setting{
 	{"max-ttl", "LEASEHOLD_MAX_TTL", "longest lease anyone may ask for", dur(func(c *Config) *time.Duration { return &c.Leases.MaxTTL })},
 	{"max-lifetime", "LEASEHOLD_MAX_LIFETIME", "longest grant max_lifetime", dur(func(c *Config) *time.Duration { return &c.Leases.MaxLifetime })},
 	{"reaper-interval", "LEASEHOLD_REAPER_INTERVAL", "how often expired leases are ended", dur(func(c *Config) *time.Duration { return &c.Leases.ReaperInterval })},
+	{"audit-deadline", "LEASEHOLD_AUDIT_DEADLINE", "longest wait for a durable audit write", dur(func(c *Config) *time.Duration { return &c.Audit.Deadline })},
 	{"log-level", "LEASEHOLD_LOG_LEVEL", "debug, info, warn or error", str(func(c *Config) *string { return &c.Log.Level })},
 	{"log-format", "LEASEHOLD_LOG_FORMAT", "json or text", str(func(c *Config) *string { return &c.Log.Format })},
 }

@@ -67,4 +67,9 @@ func TestConfigValidate(t *testing.T) {
 	cfg.Identity.CertFile = ""
 	cfg.Log.Format = "xml"
 	require.ErrorContains(t, cfg.Validate(), "log.format")
+	cfg.Log.Format = "json"
+	cfg.Audit.Sinks = []SinkConfig{{Type: "file"}, {Type: "kafka"}}
+	err = cfg.Validate()
+	require.ErrorContains(t, err, "audit.sinks[0]: a file sink needs a path")
+	require.ErrorContains(t, err, `audit.sinks[1]: type "kafka" is unknown`)
 }

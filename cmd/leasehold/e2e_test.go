@@ -185,9 +185,15 @@ store:
   engine: bolt
   path: %s
 kek_file: %s
+audit:
+  deadline: 3s
+  sinks:
+    - type: file
+      path: %s
 log:
   format: json
-`, cfg.Identity.CertFile, cfg.Identity.KeyFile, cfg.Identity.BundleFile, filepath.Join(dir, "data", "leasehold.db"), cfg.KEKFile)
+`, cfg.Identity.CertFile, cfg.Identity.KeyFile, cfg.Identity.BundleFile, filepath.Join(dir, "data", "leasehold.db"), cfg.KEKFile,
+		filepath.Join(dir, "audit.jsonl"))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "leasehold.yaml"), []byte(conf), 0o600))
 
 	_, _, stderr := startProcess(t, dir, "serve", "--config", "leasehold.yaml", "--log-level", "debug")
@@ -227,6 +233,13 @@ log:
 	require.Contains(t, out, "AUDIT_EVENT_LEASE_ACQUIRE")
 	require.Contains(t, out, "t-9")
 	require.NotContains(t, stderr.String(), "pw-1", "the log never holds a secret")
+	require.Eventually(t, func() bool {
+		data, _ := os.ReadFile(filepath.Join(dir, "audit.jsonl"))
+		return strings.Contains(string(data), `"task_id":"t-9"`)
+	}, 10*time.Second, 20*time.Millisecond, "the configured file sink receives the trail")
+	data, err := os.ReadFile(filepath.Join(dir, "audit.jsonl"))
+	require.NoError(t, err)
+	require.NotContains(t, string(data), "pw-1", "nor does the export")
 }
 
 func TestServeRejectsBadConfig(t *testing.T) {

@@ -2,9 +2,12 @@ package main
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/leasehold/leasehold/backends"
 	"github.com/leasehold/leasehold/backends/static"
+	"github.com/leasehold/leasehold/server"
+	"github.com/leasehold/leasehold/server/auditsink"
 	"github.com/leasehold/leasehold/store"
 	"github.com/leasehold/leasehold/store/bolt"
 )
@@ -23,6 +26,20 @@ func openStore(c StoreConfig) (store.Store, error) {
 		return nil, fmt.Errorf("store.engine %q is unknown (valid: bolt)", c.Engine)
 	}
 	return open(c)
+}
+
+// newSinks builds the audit export sinks named in the config.
+func newSinks(cfgs []SinkConfig) []server.AuditSink {
+	var out []server.AuditSink
+	for _, c := range cfgs {
+		switch c.Type {
+		case "file":
+			out = append(out, &auditsink.File{Path: c.Path})
+		case "stdout":
+			out = append(out, &auditsink.Writer{ID: "stdout", W: os.Stdout})
+		}
+	}
+	return out
 }
 
 // newBackends registers every backend this build serves.

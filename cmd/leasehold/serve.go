@@ -92,10 +92,11 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 	srv, err := server.New(server.Config{
 		TrustDomain: td, Admins: admins,
 		DefaultTTL: cfg.Leases.DefaultTTL, MaxTTL: cfg.Leases.MaxTTL, MaxLifetime: cfg.Leases.MaxLifetime,
-		ReaperInterval: cfg.Leases.ReaperInterval,
+		ReaperInterval: cfg.Leases.ReaperInterval, AuditDeadline: cfg.Audit.Deadline,
 	}, server.Deps{
 		Store: st, Backends: newBackends(), Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,
+		AuditSinks: newSinks(cfg.Audit.Sinks),
 	})
 	if err != nil {
 		return err

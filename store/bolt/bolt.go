@@ -45,10 +45,11 @@ var (
 	bAuditByLease    = []byte("idx_audit_lease")
 	bAuditByDecision = []byte("idx_audit_decision")
 	bAuditByTime     = []byte("idx_audit_time")
+	bCursors         = []byte("cursors")
 
 	allBuckets = [][]byte{bMeta, bCredentials, bCredVersions, bGrants, bGrantsByCred, bAgents,
 		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
-		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByDecision, bAuditByTime}
+		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByDecision, bAuditByTime, bCursors}
 
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")
@@ -527,4 +528,24 @@ func (t *boltTx) ActiveLeasesExpiringBefore(at time.Time, limit int) ([]*store.L
 		}
 	}
 	return out, nil
+}
+
+// ---- cursors ----
+
+func (t *boltTx) GetCursor(name string) (uint64, error) {
+	v := t.tx.Bucket(bCursors).Get([]byte(name))
+	if v == nil {
+		return 0, nil
+	}
+	if len(v) != 8 {
+		return 0, fmt.Errorf("bolt: cursor %q is corrupt", name)
+	}
+	return binary.BigEndian.Uint64(v), nil
+}
+
+func (t *boltTx) PutCursor(name string, v uint64) error {
+	if err := checkKey("cursor name", name); err != nil {
+		return err
+	}
+	return t.tx.Bucket(bCursors).Put([]byte(name), u64(v))
 }

@@ -352,6 +352,23 @@ func testRollback(t *testing.T, s store.Store) {
 	})
 }
 
+func testCursors(t *testing.T, s store.Store) {
+	view(t, s, func(tx store.ReadTx) error {
+		v, err := tx.GetCursor("sink:file")
+		require.NoError(t, err)
+		require.Zero(t, v, "an unset cursor is 0")
+		return nil
+	})
+	update(t, s, func(tx store.Tx) error { return tx.PutCursor("sink:file", 42) })
+	update(t, s, func(tx store.Tx) error { return tx.PutCursor("sink:other", 7) })
+	view(t, s, func(tx store.ReadTx) error {
+		v, err := tx.GetCursor("sink:file")
+		require.NoError(t, err)
+		require.Equal(t, uint64(42), v)
+		return nil
+	})
+}
+
 func testClosed(t *testing.T, s store.Store) {
 	require.NoError(t, s.Ready(ctx))
 	require.NoError(t, s.Close())
