@@ -220,8 +220,28 @@ func (a *adminService) VerifyAudit(ctx context.Context, req *leaseholdv1.VerifyA
 		if to == 0 || to > head.Sequence {
 			to = head.Sequence
 		}
+		floor, err := tx.AuditFloor()
+		if err != nil {
+			return err
+		}
 		var prev []byte
-		if from > 1 {
+		if floor.Sequence > 0 {
+			out.Floor = checkpointToProto(floor)
+			if from <= floor.Sequence+1 {
+				// Retention removed what came before: continue from the
+				// pruned record's hash.
+				from, prev = floor.Sequence+1, floor.Hash
+			}
+			if pin, ok := pins[floor.Sequence]; ok && !bytesEqual(pin, floor.Hash) {
+				broken(floor.Sequence, "record %d differs from the checkpoint: the log was rewritten", floor.Sequence)
+			}
+			for seq := range pins {
+				if seq <= floor.Sequence {
+					delete(pins, seq) // pruned: nothing left to compare
+				}
+			}
+		}
+		if from > 1 && prev == nil {
 			rs, err := tx.QueryAudit(store.AuditQuery{AfterSequence: from - 2, BeforeSequence: from, Ascending: true})
 			if err != nil && !errors.As(err, new(*store.CorruptRecordError)) {
 				return err

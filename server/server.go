@@ -55,6 +55,13 @@ type Config struct {
 	// Unavailable and no secret, and the broker reports NOT_SERVING until
 	// the stalled write completes. Default 5s.
 	AuditDeadline time.Duration
+	// RetentionMaxAge and RetentionMaxRecords bound the audit trail; the
+	// oldest records beyond either are removed (never ones an export sink
+	// has not taken yet). Zero keeps everything.
+	RetentionMaxAge     time.Duration
+	RetentionMaxRecords uint64
+	// RetentionInterval is how often retention runs. Default 1m.
+	RetentionInterval time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -76,6 +83,9 @@ func (c *Config) setDefaults() {
 	if c.AuditDeadline == 0 {
 		c.AuditDeadline = 5 * time.Second
 	}
+	if c.RetentionInterval == 0 {
+		c.RetentionInterval = time.Minute
+	}
 }
 
 // Validate reports settings that cannot work.
@@ -87,7 +97,8 @@ func (c Config) Validate() error {
 	if c.Admins.Len() == 0 {
 		errs = append(errs, errors.New("at least one admin SPIFFE ID is required"))
 	}
-	if c.DefaultTTL < 0 || c.MaxTTL < 0 || c.MaxLifetime < 0 || c.ReaperInterval < 0 || c.HealthInterval < 0 || c.AuditDeadline < 0 {
+	if c.DefaultTTL < 0 || c.MaxTTL < 0 || c.MaxLifetime < 0 || c.ReaperInterval < 0 || c.HealthInterval < 0 || c.AuditDeadline < 0 ||
+		c.RetentionMaxAge < 0 || c.RetentionInterval < 0 {
 		errs = append(errs, errors.New("durations must not be negative"))
 	}
 	if c.DefaultTTL > c.MaxTTL && c.MaxTTL > 0 {
@@ -212,6 +223,10 @@ func (s *Server) startBackground() {
 	go func() { defer s.bg.Done(); s.runHealth() }()
 	for _, sink := range s.sinks {
 		go func() { defer s.bg.Done(); s.runExport(sink) }()
+	}
+	if s.cfg.RetentionMaxAge > 0 || s.cfg.RetentionMaxRecords > 0 {
+		s.bg.Add(1)
+		go func() { defer s.bg.Done(); s.runRetention() }()
 	}
 }
 

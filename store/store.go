@@ -82,6 +82,10 @@ type ReadTx interface {
 	// apart from the records, so removing records from the end shows.
 	AuditHead() (AuditCheckpoint, error)
 
+	// AuditFloor is the checkpoint of the last record removed by
+	// PruneAudit (zero when nothing was pruned): the chain continues from it.
+	AuditFloor() (AuditCheckpoint, error)
+
 	// GetCursor returns a named position (e.g. how far an export sink got);
 	// 0 when it was never set.
 	GetCursor(name string) (uint64, error)
@@ -117,6 +121,11 @@ type Tx interface {
 
 	// PutCursor sets a named position.
 	PutCursor(name string, v uint64) error
+
+	// PruneAudit removes the oldest records, up to and including sequence
+	// through but at most limit of them, with their index entries, and moves
+	// the floor to the last one removed. It returns how many it removed.
+	PruneAudit(through uint64, limit int) (int, error)
 }
 
 // Credential is a named source of secrets. Secret values are not here: they
@@ -248,6 +257,7 @@ const (
 	EventGrantCreate      AuditEvent = "grant.create"
 	EventGrantDelete      AuditEvent = "grant.delete"
 	EventAccessDeny       AuditEvent = "access.deny"
+	EventAuditPrune       AuditEvent = "audit.prune"
 )
 
 // Decision is the outcome an audit record holds.

@@ -39,6 +39,16 @@ type AuditConfig struct {
 	Deadline time.Duration `yaml:"deadline"`
 	// Sinks receive a copy of every record as JSON lines.
 	Sinks []SinkConfig `yaml:"sinks"`
+	// Retention removes the oldest records; zero keeps everything.
+	Retention RetentionConfig `yaml:"retention"`
+}
+
+// RetentionConfig bounds the audit trail by age and/or count. Records an
+// export sink has not taken are kept; the chain stays verifiable from the
+// last removed record.
+type RetentionConfig struct {
+	MaxAge     time.Duration `yaml:"max_age"`
+	MaxRecords uint64        `yaml:"max_records"`
 }
 
 // SinkConfig is one export sink: {type: file, path: ...} or {type: stdout}.
@@ -113,6 +123,9 @@ func (c Config) Validate() error {
 	}
 	if files == 3 && c.Identity.WorkloadAPISocket != "" {
 		errs = append(errs, errors.New("identity: use either the files or workload_api_socket, not both"))
+	}
+	if c.Audit.Retention.MaxAge < 0 || c.Audit.Deadline < 0 {
+		errs = append(errs, errors.New("audit: durations must not be negative"))
 	}
 	if c.KEKFile == "" {
 		errs = append(errs, errors.New("kek_file is required"))
@@ -199,6 +212,7 @@ var settings = []setting{
 	{"max-lifetime", "LEASEHOLD_MAX_LIFETIME", "longest grant max_lifetime", dur(func(c *Config) *time.Duration { return &c.Leases.MaxLifetime })},
 	{"reaper-interval", "LEASEHOLD_REAPER_INTERVAL", "how often expired leases are ended", dur(func(c *Config) *time.Duration { return &c.Leases.ReaperInterval })},
 	{"audit-deadline", "LEASEHOLD_AUDIT_DEADLINE", "longest wait for a durable audit write", dur(func(c *Config) *time.Duration { return &c.Audit.Deadline })},
+	{"audit-max-age", "LEASEHOLD_AUDIT_MAX_AGE", "remove audit records older than this", dur(func(c *Config) *time.Duration { return &c.Audit.Retention.MaxAge })},
 	{"log-level", "LEASEHOLD_LOG_LEVEL", "debug, info, warn or error", str(func(c *Config) *string { return &c.Log.Level })},
 	{"log-format", "LEASEHOLD_LOG_FORMAT", "json or text", str(func(c *Config) *string { return &c.Log.Format })},
 }

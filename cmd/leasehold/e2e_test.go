@@ -187,6 +187,9 @@ store:
 kek_file: %s
 audit:
   deadline: 3s
+  retention:
+    max_age: 2160h
+    max_records: 1000000
   sinks:
     - type: file
       path: %s

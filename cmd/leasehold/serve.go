@@ -93,6 +93,7 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		TrustDomain: td, Admins: admins,
 		DefaultTTL: cfg.Leases.DefaultTTL, MaxTTL: cfg.Leases.MaxTTL, MaxLifetime: cfg.Leases.MaxLifetime,
 		ReaperInterval: cfg.Leases.ReaperInterval, AuditDeadline: cfg.Audit.Deadline,
+		RetentionMaxAge: cfg.Audit.Retention.MaxAge, RetentionMaxRecords: cfg.Audit.Retention.MaxRecords,
 	}, server.Deps{
 		Store: st, Backends: newBackends(), Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,

@@ -20,9 +20,11 @@ type auditHead struct {
 	Time     time.Time `json:"time"`
 }
 
-func (t *boltTx) head() (auditHead, error) {
+func (t *boltTx) head() (auditHead, error) { return t.checkpoint(keyAuditHead) }
+
+func (t *boltTx) checkpoint(key []byte) (auditHead, error) {
 	var h auditHead
-	v := t.tx.Bucket(bMeta).Get(keyAuditHead)
+	v := t.tx.Bucket(bMeta).Get(key)
 	if v == nil {
 		return h, nil
 	}
@@ -121,6 +123,50 @@ func (t *boltTx) LastAuditSequence() (uint64, error) {
 func (t *boltTx) AuditHead() (store.AuditCheckpoint, error) {
 	h, err := t.head()
 	return store.AuditCheckpoint{Sequence: h.Sequence, Hash: h.Hash, Time: h.Time}, err
+}
+
+// AuditFloor implements store.ReadTx.
+func (t *boltTx) AuditFloor() (store.AuditCheckpoint, error) {
+	h, err := t.checkpoint(keyAuditFloor)
+	return store.AuditCheckpoint{Sequence: h.Sequence, Hash: h.Hash, Time: h.Time}, err
+}
+
+// PruneAudit implements store.Tx.
+func (t *boltTx) PruneAudit(through uint64, limit int) (int, error) {
+	audit := t.tx.Bucket(bAudit)
+	c := audit.Cursor()
+	n := 0
+	var last *store.AuditRecord
+	for k, v := c.First(); k != nil && binary.BigEndian.Uint64(k) <= through && (limit <= 0 || n < limit); k, v = c.First() {
+		var r store.AuditRecord
+		if err := json.Unmarshal(v, &r); err != nil {
+			return n, &store.CorruptRecordError{Sequence: binary.BigEndian.Uint64(k), Err: err}
+		}
+		for _, ix := range auditIndexes {
+			if val := ix.value(&r); val != "" {
+				if err := t.tx.Bucket(ix.bucket).Delete(idxSeqKey(val, r.Sequence)); err != nil {
+					return n, err
+				}
+			}
+		}
+		tk := binary.BigEndian.AppendUint64(u64(uint64(r.Time.UnixNano())), r.Sequence)
+		if err := t.tx.Bucket(bAuditByTime).Delete(tk); err != nil {
+			return n, err
+		}
+		if err := c.Delete(); err != nil {
+			return n, err
+		}
+		last = &r
+		n++
+	}
+	if last == nil {
+		return 0, nil
+	}
+	floor, err := json.Marshal(auditHead{Sequence: last.Sequence, Hash: last.Hash, Time: last.Time})
+	if err != nil {
+		return n, err
+	}
+	return n, t.tx.Bucket(bMeta).Put(keyAuditFloor, floor)
 }
 
 // seqAtOrAfter returns the sequence of the first record whose time is at or

@@ -54,6 +54,7 @@ var (
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")
 	keyAuditHead     = []byte("audit_head")
+	keyAuditFloor    = []byte("audit_floor")
 )
 
 // Config configures the engine.

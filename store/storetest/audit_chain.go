@@ -136,3 +136,47 @@ func testAuditQueryProperty(t *testing.T, s store.Store) {
 		require.Equal(t, want, got, "query %d: %+v", i, q)
 	}
 }
+
+func testAuditPrune(t *testing.T, s store.Store) {
+	var recs []*store.AuditRecord
+	update(t, s, func(tx store.Tx) error {
+		for i := range 10 {
+			r := &store.AuditRecord{Event: store.EventLeaseAcquire, Decision: store.Allow,
+				AgentID: fmt.Sprint("spiffe://td/", i%2), Credential: "c", TaskID: "t", LeaseID: fmt.Sprint("ls_", i)}
+			if _, err := tx.AppendAudit(r); err != nil {
+				return err
+			}
+			recs = append(recs, r)
+		}
+		return nil
+	})
+	var n int
+	update(t, s, func(tx store.Tx) (err error) { n, err = tx.PruneAudit(6, 4); return err })
+	require.Equal(t, 4, n, "at most limit records per call")
+	update(t, s, func(tx store.Tx) (err error) { n, err = tx.PruneAudit(6, 100); return err })
+	require.Equal(t, 2, n, "up to and including through")
+	view(t, s, func(tx store.ReadTx) error {
+		floor, err := tx.AuditFloor()
+		require.NoError(t, err)
+		require.Equal(t, uint64(6), floor.Sequence)
+		require.Equal(t, recs[5].Hash, floor.Hash, "the floor is the last pruned record: the chain continues from it")
+		for _, q := range []store.AuditQuery{{}, {AgentID: "spiffe://td/0"}, {Credential: "c"}, {TaskID: "t"}, {LeaseID: "ls_2"},
+			{Decision: store.Allow}, {Start: recs[0].Time}} {
+			rs, err := tx.QueryAudit(q)
+			require.NoError(t, err, "no index entry points at a pruned record: %+v", q)
+			for _, r := range rs {
+				require.Greater(t, r.Sequence, uint64(6))
+			}
+		}
+		rs, err := tx.QueryAudit(store.AuditQuery{Ascending: true})
+		require.NoError(t, err)
+		require.Len(t, rs, 4)
+		require.Equal(t, recs[5].Hash, rs[0].PrevHash)
+		last, err := tx.LastAuditSequence()
+		require.NoError(t, err)
+		require.Equal(t, uint64(10), last, "sequences are never reused")
+		return nil
+	})
+	update(t, s, func(tx store.Tx) (err error) { n, err = tx.PruneAudit(3, 100); return err })
+	require.Zero(t, n, "pruning below the floor does nothing")
+}

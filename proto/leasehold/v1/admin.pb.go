@@ -1734,7 +1734,11 @@ type VerifyAuditResponse struct {
 	// What is wrong with it.
 	Problem string `protobuf:"bytes,4,opt,name=problem,proto3" json:"problem,omitempty"`
 	// The head of the chain as the broker recorded it.
-	Head          *AuditCheckpoint `protobuf:"bytes,5,opt,name=head,proto3" json:"head,omitempty"`
+	Head *AuditCheckpoint `protobuf:"bytes,5,opt,name=head,proto3" json:"head,omitempty"`
+	// Records up to this sequence were removed by retention; the check
+	// starts after it, from the pruned record's hash. Checkpoints below it
+	// can no longer be checked.
+	Floor         *AuditCheckpoint `protobuf:"bytes,6,opt,name=floor,proto3" json:"floor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1800,6 +1804,13 @@ func (x *VerifyAuditResponse) GetProblem() string {
 func (x *VerifyAuditResponse) GetHead() *AuditCheckpoint {
 	if x != nil {
 		return x.Head
+	}
+	return nil
+}
+
+func (x *VerifyAuditResponse) GetFloor() *AuditCheckpoint {
+	if x != nil {
+		return x.Floor
 	}
 	return nil
 }
@@ -2085,13 +2096,14 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\rfrom_sequence\x18\x01 \x01(\x04R\ffromSequence\x12\x1f\n" +
 	"\vto_sequence\x18\x02 \x01(\x04R\n" +
 	"toSequence\x12?\n" +
-	"\vcheckpoints\x18\x03 \x03(\v2\x1d.leasehold.v1.AuditCheckpointR\vcheckpoints\"\xcf\x01\n" +
+	"\vcheckpoints\x18\x03 \x03(\v2\x1d.leasehold.v1.AuditCheckpointR\vcheckpoints\"\x84\x02\n" +
 	"\x13VerifyAuditResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12'\n" +
 	"\x0frecords_checked\x18\x02 \x01(\x04R\x0erecordsChecked\x122\n" +
 	"\x15first_broken_sequence\x18\x03 \x01(\x04R\x13firstBrokenSequence\x12\x18\n" +
 	"\aproblem\x18\x04 \x01(\tR\aproblem\x121\n" +
-	"\x04head\x18\x05 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x04head\"\x96\x01\n" +
+	"\x04head\x18\x05 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x04head\x123\n" +
+	"\x05floor\x18\x06 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x05floor\"\x96\x01\n" +
 	"\x14ExplainAccessRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
@@ -2212,48 +2224,49 @@ var file_leasehold_v1_admin_proto_depIdxs = []int32{
 	43, // 19: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
 	43, // 20: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
 	43, // 21: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
-	44, // 22: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
-	37, // 23: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
-	37, // 24: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
-	0,  // 25: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
-	2,  // 26: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
-	4,  // 27: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
-	6,  // 28: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
-	8,  // 29: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
-	10, // 30: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
-	12, // 31: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
-	14, // 32: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
-	16, // 33: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
-	18, // 34: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
-	20, // 35: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
-	22, // 36: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
-	24, // 37: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
-	26, // 38: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
-	28, // 39: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
-	30, // 40: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
-	32, // 41: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
-	1,  // 42: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
-	3,  // 43: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
-	5,  // 44: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
-	7,  // 45: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
-	9,  // 46: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
-	11, // 47: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
-	13, // 48: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
-	15, // 49: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
-	17, // 50: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
-	19, // 51: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
-	21, // 52: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
-	23, // 53: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
-	25, // 54: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
-	27, // 55: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
-	29, // 56: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
-	31, // 57: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
-	33, // 58: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
-	42, // [42:59] is the sub-list for method output_type
-	25, // [25:42] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	43, // 22: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
+	44, // 23: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
+	37, // 24: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
+	37, // 25: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
+	0,  // 26: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
+	2,  // 27: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
+	4,  // 28: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
+	6,  // 29: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
+	8,  // 30: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
+	10, // 31: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
+	12, // 32: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
+	14, // 33: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
+	16, // 34: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
+	18, // 35: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
+	20, // 36: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
+	22, // 37: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
+	24, // 38: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
+	26, // 39: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
+	28, // 40: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
+	30, // 41: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
+	32, // 42: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
+	1,  // 43: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
+	3,  // 44: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
+	5,  // 45: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
+	7,  // 46: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
+	9,  // 47: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
+	11, // 48: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
+	13, // 49: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
+	15, // 50: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
+	17, // 51: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
+	19, // 52: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
+	21, // 53: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
+	23, // 54: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
+	25, // 55: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
+	27, // 56: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
+	29, // 57: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
+	31, // 58: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
+	33, // 59: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
+	43, // [43:60] is the sub-list for method output_type
+	26, // [26:43] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_admin_proto_init() }

@@ -99,6 +99,9 @@ const (
 	// A caller was refused an RPC by the authorization table, e.g. an agent
 	// calling an admin RPC.
 	AuditEvent_AUDIT_EVENT_ACCESS_DENY AuditEvent = 12
+	// Retention removed the oldest records; the reason names the range and
+	// the checkpoint the chain continues from.
+	AuditEvent_AUDIT_EVENT_AUDIT_PRUNE AuditEvent = 13
 )
 
 // Enum value maps for AuditEvent.
@@ -117,6 +120,7 @@ var (
 		10: "AUDIT_EVENT_GRANT_CREATE",
 		11: "AUDIT_EVENT_GRANT_DELETE",
 		12: "AUDIT_EVENT_ACCESS_DENY",
+		13: "AUDIT_EVENT_AUDIT_PRUNE",
 	}
 	AuditEvent_value = map[string]int32{
 		"AUDIT_EVENT_UNSPECIFIED":       0,
@@ -132,6 +136,7 @@ var (
 		"AUDIT_EVENT_GRANT_CREATE":      10,
 		"AUDIT_EVENT_GRANT_DELETE":      11,
 		"AUDIT_EVENT_ACCESS_DENY":       12,
+		"AUDIT_EVENT_AUDIT_PRUNE":       13,
 	}
 )
 
@@ -1125,7 +1130,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n" +
 	"\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n" +
-	"\x13LEASE_STATE_REVOKED\x10\x04*\x9b\x03\n" +
+	"\x13LEASE_STATE_REVOKED\x10\x04*\xb8\x03\n" +
 	"\n" +
 	"AuditEvent\x12\x1b\n" +
 	"\x17AUDIT_EVENT_UNSPECIFIED\x10\x00\x12\x1d\n" +
@@ -1141,7 +1146,8 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x18AUDIT_EVENT_GRANT_CREATE\x10\n" +
 	"\x12\x1c\n" +
 	"\x18AUDIT_EVENT_GRANT_DELETE\x10\v\x12\x1b\n" +
-	"\x17AUDIT_EVENT_ACCESS_DENY\x10\f*K\n" +
+	"\x17AUDIT_EVENT_ACCESS_DENY\x10\f\x12\x1b\n" +
+	"\x17AUDIT_EVENT_AUDIT_PRUNE\x10\r*K\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
