@@ -45,6 +45,10 @@ func TestDependencyDirection(t *testing.T) {
 			case under(pkg, "server") && internal(imp) &&
 				(under(ri, "store/bolt") || (under(ri, "backends") && ri != "backends") || under(ri, "client")):
 				bad = "server uses interfaces, never a concrete engine, backend or the client"
+			case pkg == "server" && under(ri, "server/auditsink"):
+				bad = "the server uses the AuditSink interface; cmd/ picks the sinks"
+			case under(pkg, "server/auditsink") && internal(imp) && ri != "store":
+				bad = "sinks import only store's record types"
 			case under(pkg, "client") && internal(imp) && !under(ri, "proto") && !under(ri, "identity"):
 				bad = "client imports only proto and identity"
 			}
