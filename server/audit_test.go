@@ -325,3 +325,25 @@ func TestExplainAccess(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, grants.GetGrants())
 }
+
+func TestWatchAuditRejectsBadFilters(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		req  *leaseholdv1.WatchAuditRequest
+		want string
+	}{
+		{&leaseholdv1.WatchAuditRequest{AgentId: "agent-1"}, "agent_id:"},
+		{&leaseholdv1.WatchAuditRequest{LeaseId: "nope"}, "lease_id:"},
+		{&leaseholdv1.WatchAuditRequest{Credential: "Bad Name"}, "credential:"},
+		{&leaseholdv1.WatchAuditRequest{Decision: 7}, "decision:"},
+	} {
+		stream, err := e.admin.WatchAudit(ctx, tc.req)
+		require.NoError(t, err)
+		_, err = stream.Recv()
+		requireCode(t, err, codes.InvalidArgument, tc.want)
+	}
+	stream, err := leaseholdv1.NewAdminServiceClient(e.dial(agent1ID)).WatchAudit(ctx, &leaseholdv1.WatchAuditRequest{})
+	require.NoError(t, err)
+	_, err = stream.Recv()
+	requireCode(t, err, codes.PermissionDenied, "is not an admin")
+}
