@@ -347,3 +347,26 @@ func TestWatchAuditRejectsBadFilters(t *testing.T) {
 	_, err = stream.Recv()
 	requireCode(t, err, codes.PermissionDenied, "is not an admin")
 }
+
+// Shutting down ends open watches cleanly, telling them where to resume,
+// instead of waiting for them until the grace period runs out.
+func TestStopEndsWatchStreams(t *testing.T) {
+	e := newEnv(t)
+	e.activity(1)
+	stream, err := e.admin.WatchAudit(ctx, &leaseholdv1.WatchAuditRequest{})
+	require.NoError(t, err)
+	for range 4 {
+		_, err := stream.Recv()
+		require.NoError(t, err)
+	}
+	stopped := make(chan struct{})
+	go func() {
+		sctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		e.srv.Stop(sctx)
+		close(stopped)
+	}()
+	_, err = stream.Recv()
+	requireCode(t, err, codes.FailedPrecondition, "resume after sequence 4")
+	<-stopped
+}

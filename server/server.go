@@ -230,11 +230,14 @@ func (s *Server) startBackground() {
 	}
 }
 
-// Stop marks the server not serving, lets in-flight RPCs finish for up to
-// the context's deadline, then stops the workers.
+// Stop marks the server not serving, ends the background workers and open
+// WatchAudit streams (which are told the sequence to resume after), lets
+// in-flight RPCs finish for up to the context's deadline, then closes the
+// sinks.
 func (s *Server) Stop(ctx context.Context) {
 	s.stopOnce.Do(func() {
 		s.health.Shutdown()
+		close(s.stop)
 		done := make(chan struct{})
 		go func() { s.grpc.GracefulStop(); close(done) }()
 		select {
@@ -243,7 +246,6 @@ func (s *Server) Stop(ctx context.Context) {
 			s.grpc.Stop()
 			<-done
 		}
-		close(s.stop)
 		s.bg.Wait()
 		for _, sink := range s.sinks {
 			if err := sink.Close(); err != nil {
