@@ -7,10 +7,13 @@ PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
 GO_TEST     ?= go test -race -count=1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help tools build generate generate-check lint breaking test test-go bench fuzz demo clean
+.PHONY: help deps tools build generate generate-check lint breaking test test-go bench fuzz demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+deps: ## install the Debian packages tests need (PostgreSQL), if missing
+	scripts/install-deps.sh
 
 tools: $(PROTO_TOOLS) $(BUF) ## install pinned tools into ./bin and tools/buf
 
@@ -44,7 +47,7 @@ breaking: tools ## buf breaking against the main branch (when main has proto/)
 		$(BUF) breaking --against '.git#branch=main'; echo "buf breaking: ok against main"; \
 	else echo "buf breaking: no proto/ on main yet, nothing to compare"; fi
 
-test: tools generate-check lint test-go ## every check and test (what CI runs)
+test: deps tools generate-check lint test-go ## every check and test (what CI runs)
 
 test-go: tools ## go test -race over every package
 	LEASEHOLD_GRPCURL=$(BIN)/grpcurl $(GO_TEST) ./...

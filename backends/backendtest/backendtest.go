@@ -23,6 +23,9 @@ type Case struct {
 	// Dynamic backends mint a distinct upstream credential per lease and
 	// return an artifact; static ones return the stored secret.
 	Dynamic bool
+	// Unreachable, for backends with an upstream, is Spec pointing at an
+	// upstream that does not answer.
+	Unreachable *backends.Spec
 }
 
 // Run runs the suite.
@@ -44,11 +47,12 @@ func Run(t *testing.T, c Case) {
 		req := func(id string) backends.IssueRequest {
 			return backends.IssueRequest{Spec: c.Spec, LeaseID: id, AgentID: "spiffe://t/a", TaskID: "t", Scopes: c.Scopes, ExpiresAt: exp}
 		}
-		a, err := c.Backend.Issue(ctx, req("ls_a"))
+		idA, idB := "ls_"+strings.Repeat("a", 32), "ls_"+strings.Repeat("b", 32)
+		a, err := c.Backend.Issue(ctx, req(idA))
 		require.NoError(t, err)
 		require.NotEmpty(t, a.Secret)
 		require.True(t, a.ExpiresAt.IsZero() || !a.ExpiresAt.After(exp), "a backend may shorten a lease, never lengthen it")
-		b, err := c.Backend.Issue(ctx, req("ls_b"))
+		b, err := c.Backend.Issue(ctx, req(idB))
 		require.NoError(t, err)
 		if c.Dynamic {
 			require.NotEmpty(t, a.Artifact)
@@ -67,11 +71,28 @@ func Run(t *testing.T, c Case) {
 				require.NotEqual(t, strings.Repeat("\x00", len(v)), string(v), k)
 			}
 		}
-		ref := backends.LeaseRef{Spec: c.Spec, LeaseID: "ls_b", Artifact: b.Artifact}
+		ref := backends.LeaseRef{Spec: c.Spec, LeaseID: idB, Artifact: b.Artifact}
+		defer func() { _ = c.Backend.Revoke(ctx, backends.LeaseRef{Spec: c.Spec, LeaseID: idA, Artifact: a.Artifact}) }()
 		got, err := c.Backend.Renew(ctx, ref, exp.Add(time.Minute))
 		require.NoError(t, err)
 		require.False(t, got.After(exp.Add(time.Minute)))
 		require.NoError(t, c.Backend.Revoke(ctx, ref))
 		require.NoError(t, c.Backend.Revoke(ctx, ref), "revoke is idempotent")
+		if c.Dynamic {
+			unknown := backends.LeaseRef{Spec: c.Spec, LeaseID: "ls_ffffffffffffffffffffffffffffffff", Artifact: []byte("lh_ffffffffffffffffffffffffffffffff")}
+			require.NoError(t, c.Backend.Revoke(ctx, unknown), "revoking what never existed succeeds")
+		}
 	})
+	if c.Unreachable != nil {
+		t.Run("UpstreamDownIsUnavailable", func(t *testing.T) {
+			_, err := c.Backend.Issue(ctx, backends.IssueRequest{Spec: *c.Unreachable, LeaseID: "ls_00000000000000000000000000000001",
+				Scopes: c.Scopes, ExpiresAt: time.Now().Add(time.Minute)})
+			require.ErrorIs(t, err, backends.ErrUpstreamUnavailable)
+			err = c.Backend.Revoke(ctx, backends.LeaseRef{Spec: *c.Unreachable, LeaseID: "ls_00000000000000000000000000000001", Artifact: []byte("lh_00000000000000000000000000000001")})
+			require.ErrorIs(t, err, backends.ErrUpstreamUnavailable, "a revoke that could not run is retryable, not done")
+			for _, v := range c.Unreachable.Secret {
+				require.NotContains(t, err.Error(), string(v), "errors never carry the stored secret")
+			}
+		})
+	}
 }
