@@ -237,7 +237,6 @@ func (a *adminService) DeleteCredential(ctx context.Context, req *leaseholdv1.De
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	s.revokeUpstream(ctx, ended, backends.Spec{})
 	return out, nil
 }
 
@@ -392,7 +391,6 @@ func (a *adminService) DeleteGrant(ctx context.Context, req *leaseholdv1.DeleteG
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	s.revokeUpstream(ctx, ended, backends.Spec{})
 	return &leaseholdv1.DeleteGrantResponse{LeasesRevoked: int32(len(ended))}, nil
 }
 
@@ -439,7 +437,6 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	s.revokeUpstream(ctx, ended, backends.Spec{})
 	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(agent), LeasesRevoked: int32(len(ended))}, nil
 }
 
@@ -532,16 +529,29 @@ func (a *adminService) ListLeases(ctx context.Context, req *leaseholdv1.ListLeas
 		return nil, err
 	}
 	var list []*store.Lease
+	revs := map[string]*store.Revocation{}
 	if err := a.s.store.View(ctx, func(tx store.ReadTx) error {
-		list, err = tx.ListLeases(f, after, size+1)
-		return err
+		if list, err = tx.ListLeases(f, after, size+1); err != nil {
+			return err
+		}
+		for _, l := range list {
+			if len(l.Artifact) == 0 || l.UpstreamRevoked || l.State == store.LeaseActive {
+				continue
+			}
+			r, err := tx.GetRevocation(l.ID)
+			if err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+			revs[l.ID] = r
+		}
+		return nil
 	}); err != nil {
 		return nil, err
 	}
 	out := &leaseholdv1.ListLeasesResponse{}
 	list, out.NextPageToken = page(list, size, "leases", func(l *store.Lease) string { return l.ID })
 	for _, l := range list {
-		out.Leases = append(out.Leases, leaseToProto(l))
+		out.Leases = append(out.Leases, leaseToProto(l, revs[l.ID]))
 	}
 	return out, nil
 }
@@ -574,6 +584,5 @@ func (a *adminService) RevokeLease(ctx context.Context, req *leaseholdv1.RevokeL
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	s.revokeUpstream(ctx, []*store.Lease{out}, backends.Spec{})
 	return &leaseholdv1.RevokeLeaseResponse{Lease: leaseToProto(out)}, nil
 }

@@ -266,11 +266,25 @@ func TestDynamicBackendArtifactsAreRevokedUpstream(t *testing.T) {
 	}
 	_, err = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: strings.TrimPrefix(users[0], "role_")})
 	require.NoError(t, err)
-	require.True(t, recorder.wasRevoked(users[0]), "release destroys the upstream artefact")
+	revoked := func(user string) func() bool { return func() bool { return recorder.wasRevoked(user) } }
+	require.Eventually(t, revoked(users[0]), 5*time.Second, 10*time.Millisecond, "release destroys the upstream artefact")
+	require.False(t, recorder.wasRevoked(users[1]), "live leases are untouched")
 	_, err = e.admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "r"})
 	require.NoError(t, err)
-	require.True(t, recorder.wasRevoked(users[1]))
-	require.True(t, recorder.wasRevoked(users[2]))
+	require.Eventually(t, revoked(users[1]), 5*time.Second, 10*time.Millisecond)
+	require.Eventually(t, revoked(users[2]), 5*time.Second, 10*time.Millisecond)
+	leases, err := e.admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agent1ID})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		leases, err = e.admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agent1ID})
+		require.NoError(t, err)
+		for _, l := range leases.GetLeases() {
+			if l.GetUpstreamRevocation().GetState() != leaseholdv1.UpstreamRevocation_STATE_DONE {
+				return false
+			}
+		}
+		return true
+	}, 5*time.Second, 10*time.Millisecond, "ListLeases shows each artefact destroyed")
 }
 
 func TestReaperEndsExpiredLeasesAndResumesAfterRestart(t *testing.T) {

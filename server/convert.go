@@ -18,14 +18,29 @@ func ts(t time.Time) *timestamppb.Timestamp {
 	return timestamppb.New(t)
 }
 
-func leaseToProto(l *store.Lease) *leaseholdv1.Lease {
-	return &leaseholdv1.Lease{
+// leaseToProto converts a lease; rev is its pending revocation, if any.
+func leaseToProto(l *store.Lease, rev ...*store.Revocation) *leaseholdv1.Lease {
+	out := &leaseholdv1.Lease{
 		Id: l.ID, AgentId: l.AgentID, Credential: l.Credential, Scopes: l.Scopes,
 		Task:    &leaseholdv1.Task{Id: l.TaskID, Purpose: l.TaskPurpose},
 		GrantId: l.GrantID, State: leaseStateToProto(l.State),
 		IssuedAt: ts(l.IssuedAt), ExpiresAt: ts(l.ExpiresAt), MaxExpiresAt: ts(l.MaxExpiresAt),
 		EndedAt: ts(l.EndedAt), EndReason: l.EndReason, CredentialVersion: l.CredentialVersion,
 	}
+	if len(l.Artifact) > 0 {
+		u := &leaseholdv1.UpstreamRevocation{State: leaseholdv1.UpstreamRevocation_STATE_LIVE}
+		switch {
+		case l.UpstreamRevoked:
+			u.State, u.DoneAt = leaseholdv1.UpstreamRevocation_STATE_DONE, ts(l.UpstreamRevokedAt)
+		case len(rev) > 0 && rev[0] != nil:
+			u.State, u.Attempts, u.LastError, u.NextAttemptAt = leaseholdv1.UpstreamRevocation_STATE_PENDING,
+				int32(rev[0].Attempts), rev[0].LastError, ts(rev[0].NextAttempt)
+		case l.State != store.LeaseActive:
+			u.State = leaseholdv1.UpstreamRevocation_STATE_PENDING
+		}
+		out.UpstreamRevocation = u
+	}
+	return out
 }
 
 func leaseStateToProto(s store.LeaseState) leaseholdv1.LeaseState {

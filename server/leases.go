@@ -232,16 +232,15 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		return nil, fmt.Errorf("backend %s issue for %q: %w", cred.Backend, cred.Name, err)
 	}
 	defer clearSecret(issued.Secret)
+	defer clear(issued.Artifact)
 	if !issued.ExpiresAt.IsZero() && issued.ExpiresAt.Before(lease.ExpiresAt) {
 		lease.ExpiresAt = issued.ExpiresAt
 	}
 	if len(issued.Artifact) > 0 {
-		if lease.ArtifactKey, err = s.keyring.NewDataKey(leaseAAD(lease.ID)); err == nil {
-			lease.Artifact, err = s.keyring.Seal(lease.ArtifactKey, leaseAAD(lease.ID), issued.Artifact, leaseAAD(lease.ID))
-		}
-		clear(issued.Artifact)
+		err = s.sealArtifact(lease, issued.Artifact, spec)
 		if err != nil {
-			s.revokeUpstream(ctx, []*store.Lease{lease}, spec)
+			s.revokeNow(ctx, lease, issued.Artifact, spec)
+			clear(issued.Artifact)
 			return nil, fmt.Errorf("seal artifact: %w", err)
 		}
 	}
@@ -272,7 +271,8 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	})
 	endSpan(cspan, err)
 	if err != nil {
-		s.revokeUpstream(ctx, []*store.Lease{lease}, spec)
+		// Nothing durable says this artifact exists: destroy it now.
+		s.revokeNow(ctx, lease, issued.Artifact, spec)
 		var ae *apiError
 		if errors.As(err, &ae) && ae.code == codes.PermissionDenied {
 			return nil, s.deny(ctx, rec, err)
@@ -424,16 +424,23 @@ func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ 
 		}
 		return nil, s.writeFailed(ctx, err)
 	}
-	s.revokeUpstream(ctx, ended, backends.Spec{})
 	return out, nil
 }
 
-// endLease ends an active lease in tx and appends its audit record. rec may
-// be nil, in which case one is built from the lease.
+// endLease ends an active lease in tx, queues its upstream artifact for
+// revocation and appends its audit record. rec may be nil, in which case one
+// is built from the lease.
 func endLease(ctx context.Context, tx store.Tx, l *store.Lease, state store.LeaseState, reason string, now time.Time, rec *store.AuditRecord) error {
 	l.State, l.EndedAt, l.EndReason = state, now, reason
 	if err := tx.PutLease(l); err != nil {
 		return err
+	}
+	// Whatever the lease created upstream is queued for destruction in the
+	// same transaction: once this commits, the revocation cannot be lost.
+	if len(l.Artifact) > 0 && !l.UpstreamRevoked {
+		if err := tx.PutRevocation(&store.Revocation{LeaseID: l.ID, NextAttempt: now, CreatedAt: now}); err != nil {
+			return err
+		}
 	}
 	if rec == nil {
 		rec = &store.AuditRecord{AgentID: l.AgentID}
@@ -478,35 +485,92 @@ func isDenied(err error) bool {
 	return errors.As(err, &ae) && ae.code == codes.PermissionDenied
 }
 
-// revokeUpstream asks backends to destroy what ended leases created
-// upstream. Static credentials create nothing, so this is a no-op for them.
-// Failures are logged.
-//
-// TODO(issue 5): replace with the durable revocation queue, which persists
-// the work in the same transaction that ends the lease and retries.
-func (s *Server) revokeUpstream(ctx context.Context, leases []*store.Lease, spec backends.Spec) {
-	for _, l := range leases {
-		if len(l.Artifact) == 0 {
-			continue
+// specAAD binds a lease's sealed credential snapshot to the lease.
+func specAAD(id string) []byte { return []byte("leasehold/lease/" + id + "/spec") }
+
+// sealArtifact stores a dynamic lease's upstream artifact and a snapshot of
+// the credential's config and secret, both sealed under a per-lease key.
+func (s *Server) sealArtifact(l *store.Lease, artifact []byte, spec backends.Spec) error {
+	key, err := s.keyring.NewDataKey(leaseAAD(l.ID))
+	if err != nil {
+		return err
+	}
+	sealed, err := s.keyring.Seal(key, leaseAAD(l.ID), artifact, leaseAAD(l.ID))
+	if err != nil {
+		return err
+	}
+	snap := map[string]any{"config": spec.Config, "secret": spec.Secret}
+	plain, err := json.Marshal(snap)
+	if err != nil {
+		return err
+	}
+	defer clear(plain)
+	sealedSpec, err := s.keyring.Seal(key, leaseAAD(l.ID), plain, specAAD(l.ID))
+	if err != nil {
+		return err
+	}
+	l.ArtifactKey, l.Artifact, l.RevokeSpec = key, sealed, sealedSpec
+	return nil
+}
+
+// leaseRef opens what a backend needs to renew or revoke a lease's
+// artifact: the credential as it is now, or, if it was deleted or changed
+// backend, the snapshot taken at issue. The caller must clear the result.
+func (s *Server) leaseRef(tx store.ReadTx, l *store.Lease) (backends.LeaseRef, error) {
+	ref := backends.LeaseRef{LeaseID: l.ID}
+	artifact, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.Artifact, leaseAAD(l.ID))
+	if err != nil {
+		return ref, fmt.Errorf("open lease %s artifact: %w", l.ID, err)
+	}
+	ref.Artifact = artifact
+	c, err := tx.GetCredential(l.Credential)
+	if err == nil && c.Backend == l.Backend {
+		v, verr := tx.GetCredentialVersion(c.Name, c.CurrentVersion)
+		if verr == nil {
+			secret, oerr := s.openSecret(c, v)
+			if oerr == nil {
+				ref.Spec = backends.Spec{Name: c.Name, Config: c.Config, Secret: secret}
+				return ref, nil
+			}
 		}
-		b, err := s.backends.Lookup(l.Backend)
-		if err != nil {
-			s.log.ErrorContext(ctx, "upstream revoke: backend missing", "lease_id", l.ID, "backend", l.Backend)
-			continue
-		}
-		artifact, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.Artifact, leaseAAD(l.ID))
-		if err != nil {
-			s.log.ErrorContext(ctx, "upstream revoke: artifact does not open", "lease_id", l.ID)
-			continue
-		}
-		if spec.Name == "" {
-			spec.Name = l.Credential
-		}
+	} else if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return ref, err
+	}
+	plain, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.RevokeSpec, specAAD(l.ID))
+	if err != nil {
+		return ref, fmt.Errorf("open lease %s credential snapshot: %w", l.ID, err)
+	}
+	defer clear(plain)
+	var snap struct {
+		Config map[string]string `json:"config"`
+		Secret map[string][]byte `json:"secret"`
+	}
+	if err := json.Unmarshal(plain, &snap); err != nil {
+		return ref, fmt.Errorf("decode lease %s credential snapshot: %w", l.ID, err)
+	}
+	ref.Spec = backends.Spec{Name: l.Credential, Config: snap.Config, Secret: snap.Secret}
+	return ref, nil
+}
+
+func clearRef(ref backends.LeaseRef) {
+	clear(ref.Artifact)
+	clearSecret(ref.Spec.Secret)
+}
+
+// revokeNow destroys an artifact that never became durable (the lease's
+// commit failed). Best effort: it is logged when it fails, and the
+// upstream credential still expires on its own (e.g. VALID UNTIL).
+func (s *Server) revokeNow(ctx context.Context, l *store.Lease, artifact []byte, spec backends.Spec) {
+	if len(artifact) == 0 {
+		return
+	}
+	b, err := s.backends.Lookup(l.Backend)
+	if err == nil {
 		err = b.Revoke(context.WithoutCancel(ctx), backends.LeaseRef{Spec: spec, LeaseID: l.ID, Artifact: artifact})
-		clear(artifact)
-		if err != nil {
-			s.log.ErrorContext(ctx, "upstream revoke failed", "lease_id", l.ID, "backend", l.Backend, "error", err.Error())
-		}
+	}
+	if err != nil {
+		s.log.ErrorContext(ctx, "revoking an unrecorded artifact failed; it expires upstream on its own",
+			"lease_id", l.ID, "backend", l.Backend, "error", err.Error())
 	}
 }
 
@@ -515,12 +579,15 @@ func (s *Server) renewUpstream(ctx context.Context, l *store.Lease, expires time
 	if err != nil {
 		return time.Time{}, errPrecondition("lease %s uses backend %q, which this broker does not have", l.ID, l.Backend)
 	}
-	artifact, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.Artifact, leaseAAD(l.ID))
-	if err != nil {
-		return time.Time{}, fmt.Errorf("open lease artifact: %w", err)
+	var ref backends.LeaseRef
+	if err := s.store.View(ctx, func(tx store.ReadTx) error {
+		ref, err = s.leaseRef(tx, l)
+		return err
+	}); err != nil {
+		return time.Time{}, err
 	}
-	defer clear(artifact)
-	return b.Renew(ctx, backends.LeaseRef{Spec: backends.Spec{Name: l.Credential}, LeaseID: l.ID, Artifact: artifact}, expires)
+	defer clearRef(ref)
+	return b.Renew(ctx, ref, expires)
 }
 
 // reapOnce ends up to batch active leases that have expired and reports how
@@ -559,7 +626,6 @@ func (s *Server) reapOnce(ctx context.Context, batch int) (n int, err error) {
 	if err != nil {
 		return 0, err
 	}
-	s.revokeUpstream(ctx, ended, backends.Spec{})
 	return len(ended), nil
 }
 

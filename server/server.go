@@ -62,6 +62,13 @@ type Config struct {
 	RetentionMaxRecords uint64
 	// RetentionInterval is how often retention runs. Default 1m.
 	RetentionInterval time.Duration
+	// RevocationMinBackoff and RevocationMaxBackoff bound the wait between
+	// attempts to destroy an upstream artifact (defaults 1s and 5m);
+	// attempts never stop. RevocationPoll is how often the queue is looked
+	// at besides after each commit (default 1s).
+	RevocationMinBackoff time.Duration
+	RevocationMaxBackoff time.Duration
+	RevocationPoll       time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -85,6 +92,15 @@ func (c *Config) setDefaults() {
 	}
 	if c.RetentionInterval == 0 {
 		c.RetentionInterval = time.Minute
+	}
+	if c.RevocationMinBackoff == 0 {
+		c.RevocationMinBackoff = time.Second
+	}
+	if c.RevocationMaxBackoff == 0 {
+		c.RevocationMaxBackoff = 5 * time.Minute
+	}
+	if c.RevocationPoll == 0 {
+		c.RevocationPoll = time.Second
 	}
 }
 
@@ -218,8 +234,9 @@ func (s *Server) Serve(lis net.Listener) error {
 }
 
 func (s *Server) startBackground() {
-	s.bg.Add(2 + len(s.sinks))
+	s.bg.Add(3 + len(s.sinks))
 	go func() { defer s.bg.Done(); s.runReaper() }()
+	go func() { defer s.bg.Done(); s.runRevocations() }()
 	go func() { defer s.bg.Done(); s.runHealth() }()
 	for _, sink := range s.sinks {
 		go func() { defer s.bg.Done(); s.runExport(sink) }()

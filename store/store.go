@@ -86,6 +86,15 @@ type ReadTx interface {
 	// PruneAudit (zero when nothing was pruned): the chain continues from it.
 	AuditFloor() (AuditCheckpoint, error)
 
+	// GetRevocation returns a lease's pending upstream revocation, or
+	// ErrNotFound when none is pending.
+	GetRevocation(leaseID string) (*Revocation, error)
+	// DueRevocations lists pending revocations whose NextAttempt is at or
+	// before t, soonest first.
+	DueRevocations(t time.Time, limit int) ([]*Revocation, error)
+	// PendingRevocations counts the pending revocations.
+	PendingRevocations() (int, error)
+
 	// GetCursor returns a named position (e.g. how far an export sink got);
 	// 0 when it was never set.
 	GetCursor(name string) (uint64, error)
@@ -121,6 +130,12 @@ type Tx interface {
 
 	// PutCursor sets a named position.
 	PutCursor(name string, v uint64) error
+
+	// PutRevocation creates or replaces a pending revocation.
+	PutRevocation(r *Revocation) error
+	// DeleteRevocation removes a pending revocation (it is done);
+	// ErrNotFound when there is none.
+	DeleteRevocation(leaseID string) error
 
 	// PruneAudit removes the oldest records, up to and including sequence
 	// through but at most limit of them, with their index entries, and moves
@@ -225,6 +240,25 @@ type Lease struct {
 	// a token), sealed under ArtifactKey; empty for static credentials.
 	Artifact    []byte `json:"artifact,omitempty"`
 	ArtifactKey []byte `json:"artifact_key,omitempty"`
+	// RevokeSpec is the credential's config and secret at issue time,
+	// sealed under ArtifactKey: revocation falls back to it when the
+	// credential has been deleted since.
+	RevokeSpec []byte `json:"revoke_spec,omitempty"`
+	// UpstreamRevoked is set once the artifact is destroyed upstream.
+	UpstreamRevoked   bool      `json:"upstream_revoked,omitempty"`
+	UpstreamRevokedAt time.Time `json:"upstream_revoked_at,omitzero"`
+}
+
+// Revocation is a lease's upstream artifact waiting to be destroyed. It is
+// written in the same transaction that ends the lease and removed once the
+// backend's Revoke succeeds; failures are retried with backoff, forever.
+type Revocation struct {
+	LeaseID     string    `json:"lease_id"`
+	Attempts    int       `json:"attempts"`
+	NextAttempt time.Time `json:"next_attempt"`
+	// LastError is the backend's last failure, without secrets.
+	LastError string    `json:"last_error,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
 }
 
 // Active reports whether the lease is active and unexpired at now.

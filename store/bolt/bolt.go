@@ -46,10 +46,12 @@ var (
 	bAuditByDecision = []byte("idx_audit_decision")
 	bAuditByTime     = []byte("idx_audit_time")
 	bCursors         = []byte("cursors")
+	bRevocations     = []byte("revocations")
+	bRevocationsDue  = []byte("idx_revocations_due")
 
 	allBuckets = [][]byte{bMeta, bCredentials, bCredVersions, bGrants, bGrantsByCred, bAgents,
 		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
-		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByDecision, bAuditByTime, bCursors}
+		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByDecision, bAuditByTime, bCursors, bRevocations, bRevocationsDue}
 
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")
@@ -549,4 +551,66 @@ func (t *boltTx) PutCursor(name string, v uint64) error {
 		return err
 	}
 	return t.tx.Bucket(bCursors).Put([]byte(name), u64(v))
+}
+
+// ---- revocation queue ----
+
+func (t *boltTx) GetRevocation(leaseID string) (*store.Revocation, error) {
+	return get[store.Revocation](t.tx.Bucket(bRevocations), []byte(leaseID), "revocation")
+}
+
+func (t *boltTx) PutRevocation(r *store.Revocation) error {
+	if err := checkKey("revocation lease id", r.LeaseID); err != nil {
+		return err
+	}
+	b := t.tx.Bucket(bRevocations)
+	due := t.tx.Bucket(bRevocationsDue)
+	if old := b.Get([]byte(r.LeaseID)); old != nil {
+		prev, err := decode[store.Revocation](old, "revocation")
+		if err != nil {
+			return err
+		}
+		if err := due.Delete(expiryKey(prev.NextAttempt, prev.LeaseID)); err != nil {
+			return err
+		}
+	}
+	if err := due.Put(expiryKey(r.NextAttempt, r.LeaseID), nil); err != nil {
+		return err
+	}
+	return put(b, []byte(r.LeaseID), r)
+}
+
+func (t *boltTx) DeleteRevocation(leaseID string) error {
+	r, err := t.GetRevocation(leaseID)
+	if err != nil {
+		return err
+	}
+	if err := t.tx.Bucket(bRevocationsDue).Delete(expiryKey(r.NextAttempt, r.LeaseID)); err != nil {
+		return err
+	}
+	return t.tx.Bucket(bRevocations).Delete([]byte(leaseID))
+}
+
+func (t *boltTx) DueRevocations(at time.Time, limit int) ([]*store.Revocation, error) {
+	var out []*store.Revocation
+	c := t.tx.Bucket(bRevocationsDue).Cursor()
+	end := uint64(at.UnixNano())
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		if binary.BigEndian.Uint64(k[:8]) > end {
+			break
+		}
+		r, err := t.GetRevocation(string(k[8:]))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+		if limit > 0 && len(out) >= limit {
+			break
+		}
+	}
+	return out, nil
+}
+
+func (t *boltTx) PendingRevocations() (int, error) {
+	return t.tx.Bucket(bRevocations).Stats().KeyN, nil
 }

@@ -369,6 +369,55 @@ func testCursors(t *testing.T, s store.Store) {
 	})
 }
 
+func testRevocations(t *testing.T, s store.Store) {
+	now := time.Now().Truncate(time.Millisecond)
+	update(t, s, func(tx store.Tx) error {
+		for i, at := range []time.Duration{3, 1, 2} {
+			if err := tx.PutRevocation(&store.Revocation{LeaseID: fmt.Sprint("ls_", i), NextAttempt: now.Add(at * time.Second), CreatedAt: now}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	due := func(at time.Time) []string {
+		var out []string
+		view(t, s, func(tx store.ReadTx) error {
+			rs, err := tx.DueRevocations(at, 0)
+			for _, r := range rs {
+				out = append(out, r.LeaseID)
+			}
+			return err
+		})
+		return out
+	}
+	require.Equal(t, []string{"ls_1", "ls_2"}, due(now.Add(2*time.Second)), "soonest first, inclusive")
+	// A failed attempt moves it back.
+	update(t, s, func(tx store.Tx) error {
+		r, err := tx.GetRevocation("ls_1")
+		if err != nil {
+			return err
+		}
+		r.Attempts, r.LastError, r.NextAttempt = 1, "connection refused", now.Add(10*time.Second)
+		return tx.PutRevocation(r)
+	})
+	require.Equal(t, []string{"ls_2", "ls_0"}, due(now.Add(5*time.Second)))
+	update(t, s, func(tx store.Tx) error { return tx.DeleteRevocation("ls_2") })
+	require.Equal(t, []string{"ls_0", "ls_1"}, due(now.Add(time.Minute)))
+	view(t, s, func(tx store.ReadTx) error {
+		r, err := tx.GetRevocation("ls_1")
+		require.NoError(t, err)
+		require.Equal(t, 1, r.Attempts)
+		require.Equal(t, "connection refused", r.LastError)
+		_, err = tx.GetRevocation("ls_2")
+		require.ErrorIs(t, err, store.ErrNotFound)
+		n, err := tx.PendingRevocations()
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		return nil
+	})
+	require.ErrorIs(t, s.Update(ctx, func(tx store.Tx) error { return tx.DeleteRevocation("ls_2") }), store.ErrNotFound)
+}
+
 func testClosed(t *testing.T, s store.Store) {
 	require.NoError(t, s.Ready(ctx))
 	require.NoError(t, s.Close())

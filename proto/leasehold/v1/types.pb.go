@@ -217,6 +217,61 @@ func (Decision) EnumDescriptor() ([]byte, []int) {
 	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{2}
 }
 
+type UpstreamRevocation_State int32
+
+const (
+	UpstreamRevocation_STATE_UNSPECIFIED UpstreamRevocation_State = 0
+	// The lease is active; the artifact is in use.
+	UpstreamRevocation_STATE_LIVE UpstreamRevocation_State = 1
+	// Queued or being retried.
+	UpstreamRevocation_STATE_PENDING UpstreamRevocation_State = 2
+	// Destroyed upstream.
+	UpstreamRevocation_STATE_DONE UpstreamRevocation_State = 3
+)
+
+// Enum value maps for UpstreamRevocation_State.
+var (
+	UpstreamRevocation_State_name = map[int32]string{
+		0: "STATE_UNSPECIFIED",
+		1: "STATE_LIVE",
+		2: "STATE_PENDING",
+		3: "STATE_DONE",
+	}
+	UpstreamRevocation_State_value = map[string]int32{
+		"STATE_UNSPECIFIED": 0,
+		"STATE_LIVE":        1,
+		"STATE_PENDING":     2,
+		"STATE_DONE":        3,
+	}
+)
+
+func (x UpstreamRevocation_State) Enum() *UpstreamRevocation_State {
+	p := new(UpstreamRevocation_State)
+	*p = x
+	return p
+}
+
+func (x UpstreamRevocation_State) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (UpstreamRevocation_State) Descriptor() protoreflect.EnumDescriptor {
+	return file_leasehold_v1_types_proto_enumTypes[3].Descriptor()
+}
+
+func (UpstreamRevocation_State) Type() protoreflect.EnumType {
+	return &file_leasehold_v1_types_proto_enumTypes[3]
+}
+
+func (x UpstreamRevocation_State) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use UpstreamRevocation_State.Descriptor instead.
+func (UpstreamRevocation_State) EnumDescriptor() ([]byte, []int) {
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{2, 0}
+}
+
 // Task is the unit of agent work that a lease is acquired for. Audit records
 // carry it so every access can be tied back to what caused it.
 type Task struct {
@@ -299,8 +354,11 @@ type Lease struct {
 	EndReason string `protobuf:"bytes,12,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"`
 	// Version of the stored credential that was handed out.
 	CredentialVersion uint64 `protobuf:"varint,13,opt,name=credential_version,json=credentialVersion,proto3" json:"credential_version,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// For leases whose backend created something upstream (a database role,
+	// a token): where destroying it stands once the lease has ended.
+	UpstreamRevocation *UpstreamRevocation `protobuf:"bytes,14,opt,name=upstream_revocation,json=upstreamRevocation,proto3" json:"upstream_revocation,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Lease) Reset() {
@@ -424,6 +482,93 @@ func (x *Lease) GetCredentialVersion() uint64 {
 	return 0
 }
 
+func (x *Lease) GetUpstreamRevocation() *UpstreamRevocation {
+	if x != nil {
+		return x.UpstreamRevocation
+	}
+	return nil
+}
+
+// UpstreamRevocation is the state of a lease's upstream artifact in the
+// durable revocation queue.
+type UpstreamRevocation struct {
+	state protoimpl.MessageState   `protogen:"open.v1"`
+	State UpstreamRevocation_State `protobuf:"varint,1,opt,name=state,proto3,enum=leasehold.v1.UpstreamRevocation_State" json:"state,omitempty"`
+	// Failed attempts so far.
+	Attempts int32 `protobuf:"varint,2,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// The last failure, without secrets.
+	LastError     string                 `protobuf:"bytes,3,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	DoneAt        *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=done_at,json=doneAt,proto3" json:"done_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpstreamRevocation) Reset() {
+	*x = UpstreamRevocation{}
+	mi := &file_leasehold_v1_types_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpstreamRevocation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpstreamRevocation) ProtoMessage() {}
+
+func (x *UpstreamRevocation) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_types_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpstreamRevocation.ProtoReflect.Descriptor instead.
+func (*UpstreamRevocation) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *UpstreamRevocation) GetState() UpstreamRevocation_State {
+	if x != nil {
+		return x.State
+	}
+	return UpstreamRevocation_STATE_UNSPECIFIED
+}
+
+func (x *UpstreamRevocation) GetAttempts() int32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *UpstreamRevocation) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *UpstreamRevocation) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
+}
+
+func (x *UpstreamRevocation) GetDoneAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DoneAt
+	}
+	return nil
+}
+
 // Credential is a named source of secrets, served by one backend. Secret
 // values are write-only: no RPC ever returns them except AcquireLease.
 type Credential struct {
@@ -447,7 +592,7 @@ type Credential struct {
 
 func (x *Credential) Reset() {
 	*x = Credential{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[2]
+	mi := &file_leasehold_v1_types_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -459,7 +604,7 @@ func (x *Credential) String() string {
 func (*Credential) ProtoMessage() {}
 
 func (x *Credential) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[2]
+	mi := &file_leasehold_v1_types_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -472,7 +617,7 @@ func (x *Credential) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Credential.ProtoReflect.Descriptor instead.
 func (*Credential) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{2}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Credential) GetName() string {
@@ -559,7 +704,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[3]
+	mi := &file_leasehold_v1_types_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -571,7 +716,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[3]
+	mi := &file_leasehold_v1_types_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -584,7 +729,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{3}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Grant) GetId() string {
@@ -703,7 +848,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[4]
+	mi := &file_leasehold_v1_types_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -715,7 +860,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[4]
+	mi := &file_leasehold_v1_types_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -728,7 +873,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{4}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Agent) GetSpiffeId() string {
@@ -816,7 +961,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[5]
+	mi := &file_leasehold_v1_types_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -828,7 +973,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[5]
+	mi := &file_leasehold_v1_types_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -841,7 +986,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{5}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AuditRecord) GetSequence() uint64 {
@@ -978,7 +1123,7 @@ type AuditCheckpoint struct {
 
 func (x *AuditCheckpoint) Reset() {
 	*x = AuditCheckpoint{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[6]
+	mi := &file_leasehold_v1_types_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -990,7 +1135,7 @@ func (x *AuditCheckpoint) String() string {
 func (*AuditCheckpoint) ProtoMessage() {}
 
 func (x *AuditCheckpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[6]
+	mi := &file_leasehold_v1_types_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1003,7 +1148,7 @@ func (x *AuditCheckpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditCheckpoint.ProtoReflect.Descriptor instead.
 func (*AuditCheckpoint) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{6}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AuditCheckpoint) GetSequence() uint64 {
@@ -1034,7 +1179,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x18leasehold/v1/types.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"0\n" +
 	"\x04Task\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
-	"\apurpose\x18\x02 \x01(\tR\apurpose\"\x98\x04\n" +
+	"\apurpose\x18\x02 \x01(\tR\apurpose\"\xeb\x04\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x19\n" +
 	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12\x1e\n" +
@@ -1053,7 +1198,22 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\bended_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\aendedAt\x12\x1d\n" +
 	"\n" +
 	"end_reason\x18\f \x01(\tR\tendReason\x12-\n" +
-	"\x12credential_version\x18\r \x01(\x04R\x11credentialVersion\"\x95\x03\n" +
+	"\x12credential_version\x18\r \x01(\x04R\x11credentialVersion\x12Q\n" +
+	"\x13upstream_revocation\x18\x0e \x01(\v2 .leasehold.v1.UpstreamRevocationR\x12upstreamRevocation\"\xd9\x02\n" +
+	"\x12UpstreamRevocation\x12<\n" +
+	"\x05state\x18\x01 \x01(\x0e2&.leasehold.v1.UpstreamRevocation.StateR\x05state\x12\x1a\n" +
+	"\battempts\x18\x02 \x01(\x05R\battempts\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x03 \x01(\tR\tlastError\x12B\n" +
+	"\x0fnext_attempt_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt\x123\n" +
+	"\adone_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x06doneAt\"Q\n" +
+	"\x05State\x12\x15\n" +
+	"\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n" +
+	"\n" +
+	"STATE_LIVE\x10\x01\x12\x11\n" +
+	"\rSTATE_PENDING\x10\x02\x12\x0e\n" +
+	"\n" +
+	"STATE_DONE\x10\x03\"\x95\x03\n" +
 	"\n" +
 	"Credential\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
@@ -1165,48 +1325,54 @@ func file_leasehold_v1_types_proto_rawDescGZIP() []byte {
 	return file_leasehold_v1_types_proto_rawDescData
 }
 
-var file_leasehold_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_leasehold_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_leasehold_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_leasehold_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_leasehold_v1_types_proto_goTypes = []any{
 	(LeaseState)(0),               // 0: leasehold.v1.LeaseState
 	(AuditEvent)(0),               // 1: leasehold.v1.AuditEvent
 	(Decision)(0),                 // 2: leasehold.v1.Decision
-	(*Task)(nil),                  // 3: leasehold.v1.Task
-	(*Lease)(nil),                 // 4: leasehold.v1.Lease
-	(*Credential)(nil),            // 5: leasehold.v1.Credential
-	(*Grant)(nil),                 // 6: leasehold.v1.Grant
-	(*Agent)(nil),                 // 7: leasehold.v1.Agent
-	(*AuditRecord)(nil),           // 8: leasehold.v1.AuditRecord
-	(*AuditCheckpoint)(nil),       // 9: leasehold.v1.AuditCheckpoint
-	nil,                           // 10: leasehold.v1.Credential.ConfigEntry
-	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 12: google.protobuf.Duration
+	(UpstreamRevocation_State)(0), // 3: leasehold.v1.UpstreamRevocation.State
+	(*Task)(nil),                  // 4: leasehold.v1.Task
+	(*Lease)(nil),                 // 5: leasehold.v1.Lease
+	(*UpstreamRevocation)(nil),    // 6: leasehold.v1.UpstreamRevocation
+	(*Credential)(nil),            // 7: leasehold.v1.Credential
+	(*Grant)(nil),                 // 8: leasehold.v1.Grant
+	(*Agent)(nil),                 // 9: leasehold.v1.Agent
+	(*AuditRecord)(nil),           // 10: leasehold.v1.AuditRecord
+	(*AuditCheckpoint)(nil),       // 11: leasehold.v1.AuditCheckpoint
+	nil,                           // 12: leasehold.v1.Credential.ConfigEntry
+	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
 }
 var file_leasehold_v1_types_proto_depIdxs = []int32{
-	3,  // 0: leasehold.v1.Lease.task:type_name -> leasehold.v1.Task
+	4,  // 0: leasehold.v1.Lease.task:type_name -> leasehold.v1.Task
 	0,  // 1: leasehold.v1.Lease.state:type_name -> leasehold.v1.LeaseState
-	11, // 2: leasehold.v1.Lease.issued_at:type_name -> google.protobuf.Timestamp
-	11, // 3: leasehold.v1.Lease.expires_at:type_name -> google.protobuf.Timestamp
-	11, // 4: leasehold.v1.Lease.max_expires_at:type_name -> google.protobuf.Timestamp
-	11, // 5: leasehold.v1.Lease.ended_at:type_name -> google.protobuf.Timestamp
-	10, // 6: leasehold.v1.Credential.config:type_name -> leasehold.v1.Credential.ConfigEntry
-	11, // 7: leasehold.v1.Credential.created_at:type_name -> google.protobuf.Timestamp
-	11, // 8: leasehold.v1.Credential.updated_at:type_name -> google.protobuf.Timestamp
-	12, // 9: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
-	12, // 10: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
-	11, // 11: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	11, // 12: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
-	11, // 13: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
-	11, // 14: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
-	11, // 15: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	1,  // 16: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
-	2,  // 17: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
-	11, // 18: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	13, // 2: leasehold.v1.Lease.issued_at:type_name -> google.protobuf.Timestamp
+	13, // 3: leasehold.v1.Lease.expires_at:type_name -> google.protobuf.Timestamp
+	13, // 4: leasehold.v1.Lease.max_expires_at:type_name -> google.protobuf.Timestamp
+	13, // 5: leasehold.v1.Lease.ended_at:type_name -> google.protobuf.Timestamp
+	6,  // 6: leasehold.v1.Lease.upstream_revocation:type_name -> leasehold.v1.UpstreamRevocation
+	3,  // 7: leasehold.v1.UpstreamRevocation.state:type_name -> leasehold.v1.UpstreamRevocation.State
+	13, // 8: leasehold.v1.UpstreamRevocation.next_attempt_at:type_name -> google.protobuf.Timestamp
+	13, // 9: leasehold.v1.UpstreamRevocation.done_at:type_name -> google.protobuf.Timestamp
+	12, // 10: leasehold.v1.Credential.config:type_name -> leasehold.v1.Credential.ConfigEntry
+	13, // 11: leasehold.v1.Credential.created_at:type_name -> google.protobuf.Timestamp
+	13, // 12: leasehold.v1.Credential.updated_at:type_name -> google.protobuf.Timestamp
+	14, // 13: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
+	14, // 14: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
+	13, // 15: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	13, // 16: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
+	13, // 17: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
+	13, // 18: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
+	13, // 19: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	1,  // 20: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
+	2,  // 21: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
+	13, // 22: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
+	23, // [23:23] is the sub-list for method output_type
+	23, // [23:23] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_types_proto_init() }
@@ -1214,7 +1380,7 @@ func file_leasehold_v1_types_proto_init() {
 	if File_leasehold_v1_types_proto != nil {
 		return
 	}
-	file_leasehold_v1_types_proto_msgTypes[3].OneofWrappers = []any{
+	file_leasehold_v1_types_proto_msgTypes[4].OneofWrappers = []any{
 		(*Grant_SpiffeId)(nil),
 		(*Grant_SpiffeIdPrefix)(nil),
 	}
@@ -1223,8 +1389,8 @@ func file_leasehold_v1_types_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_types_proto_rawDesc), len(file_leasehold_v1_types_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   8,
+			NumEnums:      4,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
