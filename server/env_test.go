@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
 	"github.com/leasehold/leasehold/client"
 	"github.com/leasehold/leasehold/identity"
@@ -108,6 +109,7 @@ type env struct {
 	served chan error
 
 	spans          *tracetest.SpanRecorder
+	pg             *postgres.Backend
 	sinks          []server.AuditSink
 	admin          leaseholdv1.AdminServiceClient
 	agent1, agent2 leaseholdv1.BrokerServiceClient
@@ -128,6 +130,8 @@ func newEnv(t testing.TB, opts ...func(*server.Config)) *env {
 	for _, o := range opts {
 		o(&e.cfg)
 	}
+	e.pg = postgres.New()
+	t.Cleanup(e.pg.Close)
 	e.start()
 	t.Cleanup(e.stop)
 	return e
@@ -165,6 +169,7 @@ func (e *env) start() {
 	reg := backends.NewRegistry()
 	reg.Register(static.Name, static.Backend{})
 	reg.Register("recording", recorder)
+	reg.Register(postgres.Name, e.pg)
 	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,
@@ -320,4 +325,8 @@ func (r *recordingBackend) wasRevoked(artifact string) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.revoked[artifact]
+}
+
+func durationMinutes(n int) *durationpb.Duration {
+	return durationpb.New(time.Duration(n) * time.Minute)
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
 	"github.com/leasehold/leasehold/server"
 	"github.com/leasehold/leasehold/server/auditsink"
@@ -42,9 +43,12 @@ func newSinks(cfgs []SinkConfig) []server.AuditSink {
 	return out
 }
 
-// newBackends registers every backend this build serves.
-func newBackends() *backends.Registry {
-	r := backends.NewRegistry()
+// newBackends registers every backend this build serves; close releases
+// their connections.
+func newBackends() (r *backends.Registry, close func()) {
+	r = backends.NewRegistry()
 	r.Register(static.Name, static.Backend{})
-	return r
+	pg := postgres.New()
+	r.Register(postgres.Name, pg)
+	return r, pg.Close
 }

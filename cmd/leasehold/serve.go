@@ -89,13 +89,15 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 	}
 	defer st.Close()
 
+	reg, closeBackends := newBackends()
+	defer closeBackends()
 	srv, err := server.New(server.Config{
 		TrustDomain: td, Admins: admins,
 		DefaultTTL: cfg.Leases.DefaultTTL, MaxTTL: cfg.Leases.MaxTTL, MaxLifetime: cfg.Leases.MaxLifetime,
 		ReaperInterval: cfg.Leases.ReaperInterval, AuditDeadline: cfg.Audit.Deadline,
 		RetentionMaxAge: cfg.Audit.Retention.MaxAge, RetentionMaxRecords: cfg.Audit.Retention.MaxRecords,
 	}, server.Deps{
-		Store: st, Backends: newBackends(), Keyring: keyring,
+		Store: st, Backends: reg, Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,
 		AuditSinks: newSinks(cfg.Audit.Sinks),
 	})

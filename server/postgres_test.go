@@ -1,0 +1,179 @@
+package server_test
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+
+	"github.com/leasehold/leasehold/backends/postgres/pgtest"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
+)
+
+const pgAdminPassword = "CANARY-pg-admin-5b7e"
+
+// pgEnv is a broker with a PostgreSQL credential "db/analytics" on a
+// throwaway cluster: agent-1 may lease read, agent-2 read and write.
+func pgEnv(t *testing.T) (*env, *pgtest.Cluster) {
+	c := pgtest.Start(t)
+	c.Exec(t, "CREATE ROLE leasehold_admin LOGIN CREATEROLE PASSWORD '"+pgAdminPassword+"'")
+	c.Exec(t, "CREATE SCHEMA app AUTHORIZATION leasehold_admin")
+	c.Exec(t, "CREATE TABLE app.events (id serial PRIMARY KEY, body text)")
+	c.Exec(t, "ALTER TABLE app.events OWNER TO leasehold_admin")
+	c.Exec(t, "INSERT INTO app.events (body) VALUES ('hello')")
+	e := newEnv(t, func(cfg *server.Config) {
+		cfg.RevocationMinBackoff, cfg.RevocationMaxBackoff, cfg.RevocationPoll = 50*time.Millisecond, 200*time.Millisecond, 50*time.Millisecond
+	})
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/analytics", Backend: "postgres",
+		Config: map[string]string{"host": c.Host, "port": strconv.Itoa(c.Port), "database": "postgres", "sslmode": "disable",
+			"admin_user":  "leasehold_admin",
+			"scope.read":  "GRANT USAGE ON SCHEMA app TO {{role}}; GRANT SELECT ON ALL TABLES IN SCHEMA app TO {{role}}",
+			"scope.write": "GRANT USAGE ON SCHEMA app TO {{role}}; GRANT INSERT ON ALL TABLES IN SCHEMA app TO {{role}}"},
+		Secret: map[string]string{"admin_password": pgAdminPassword}})
+	require.NoError(t, err)
+	e.grant("db/analytics", agent1ID, "read")
+	e.grant("db/analytics", agent2ID, "read", "write")
+	return e, c
+}
+
+func roleExists(t *testing.T, c *pgtest.Cluster, role string) bool {
+	t.Helper()
+	var n int
+	require.NoError(t, c.Connect(t).QueryRow(context.Background(), "SELECT count(*) FROM pg_roles WHERE rolname = $1", role).Scan(&n))
+	return n == 1
+}
+
+func TestPostgresReadOnlyLoginWorksThenStops(t *testing.T) {
+	e, c := pgEnv(t)
+	l, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("db/analytics", "report-1", "read"), 2*time.Minute))
+	require.NoError(t, err)
+	for _, k := range []string{"host", "port", "database", "user", "password", "dsn"} {
+		require.NotEmpty(t, l.GetSecret()[k], k)
+	}
+	conn, err := pgx.Connect(ctx, l.GetSecret()["dsn"])
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	var body string
+	require.NoError(t, conn.QueryRow(ctx, "SELECT body FROM app.events").Scan(&body))
+	_, err = conn.Exec(ctx, "INSERT INTO app.events (body) VALUES ('x')")
+	require.ErrorContains(t, err, "permission denied")
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("db/analytics", "t", "write"))
+	requireCode(t, err, codes.PermissionDenied, "scopes: write not granted")
+
+	// Renew moves VALID UNTIL.
+	_, err = e.agent1.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: l.GetLease().GetId(), Ttl: durationMinutes(5)})
+	require.NoError(t, err)
+	var until time.Time
+	require.NoError(t, c.Connect(t).QueryRow(ctx, "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", l.GetSecret()["user"]).Scan(&until))
+	require.WithinDuration(t, time.Now().Add(5*time.Minute), until, 30*time.Second)
+
+	_, err = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: l.GetLease().GetId()})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return !roleExists(t, c, l.GetSecret()["user"]) }, 10*time.Second, 20*time.Millisecond)
+	require.Error(t, conn.Ping(ctx), "the open session was terminated")
+	_, err = pgx.Connect(ctx, l.GetSecret()["dsn"])
+	require.Error(t, err, "the login no longer works")
+}
+
+func TestPostgresExpiryDropsTheRole(t *testing.T) {
+	e, c := pgEnv(t)
+	l, err := e.agent2.AcquireLease(ctx, withTTL(acquireReq("db/analytics", "etl", "write"), time.Minute))
+	require.NoError(t, err)
+	require.True(t, roleExists(t, c, l.GetSecret()["user"]))
+	e.clock.Advance(2 * time.Minute)
+	require.Eventually(t, func() bool { return !roleExists(t, c, l.GetSecret()["user"]) }, 10*time.Second, 20*time.Millisecond)
+}
+
+// The database is down when the agent is revoked, and the broker restarts
+// before it comes back: no revocation is lost, and every role goes.
+func TestPostgresRevocationSurvivesOutageAndRestart(t *testing.T) {
+	e, c := pgEnv(t)
+	var users []string
+	var sessions []*pgx.Conn
+	for i := range 3 {
+		l, err := e.agent2.AcquireLease(ctx, acquireReq("db/analytics", "batch-"+strconv.Itoa(i), "read"))
+		require.NoError(t, err)
+		users = append(users, l.GetSecret()["user"])
+		conn, err := pgx.Connect(ctx, l.GetSecret()["dsn"])
+		require.NoError(t, err)
+		defer conn.Close(ctx)
+		sessions = append(sessions, conn)
+	}
+	other, err := e.agent1.AcquireLease(ctx, acquireReq("db/analytics", "keep", "read"))
+	require.NoError(t, err)
+
+	c.StopServer(t)
+	resp, err := e.admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent2ID, Reason: "compromised"})
+	require.NoError(t, err, "revocation is accepted while the database is down")
+	require.Equal(t, int32(3), resp.GetLeasesRevoked())
+	_, err = e.agent2.AcquireLease(ctx, acquireReq("db/analytics", "t", "read"))
+	requireCode(t, err, codes.PermissionDenied, "is revoked")
+
+	pending := func() []*leaseholdv1.Lease {
+		r, err := e.admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agent2ID})
+		require.NoError(t, err)
+		return r.GetLeases()
+	}
+	require.Eventually(t, func() bool {
+		for _, l := range pending() {
+			if l.GetUpstreamRevocation().GetAttempts() < 2 {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 20*time.Millisecond, "failed attempts are retried")
+	for _, l := range pending() {
+		u := l.GetUpstreamRevocation()
+		require.Equal(t, leaseholdv1.UpstreamRevocation_STATE_PENDING, u.GetState())
+		require.NotEmpty(t, u.GetLastError())
+		require.NotContains(t, u.GetLastError(), pgAdminPassword)
+	}
+
+	e.restart()
+	c.StartServer(t)
+	require.Eventually(t, func() bool {
+		for _, l := range pending() {
+			if l.GetUpstreamRevocation().GetState() != leaseholdv1.UpstreamRevocation_STATE_DONE {
+				return false
+			}
+		}
+		return true
+	}, 20*time.Second, 50*time.Millisecond, "the restarted broker finishes the queue once the database is back")
+	for _, u := range users {
+		require.False(t, roleExists(t, c, u), "role %s is gone", u)
+	}
+	for _, s := range sessions {
+		require.Error(t, s.Ping(ctx), "its sessions ended with the outage and cannot come back")
+	}
+	require.True(t, roleExists(t, c, other.GetSecret()["user"]), "another agent's lease is untouched")
+	require.NotContains(t, e.logs.String(), pgAdminPassword)
+	require.NotContains(t, strings.Join(auditText(e), "\n"), pgAdminPassword)
+}
+
+func TestPostgresRevokeAgentKillsLiveSessions(t *testing.T) {
+	e, c := pgEnv(t)
+	l, err := e.agent2.AcquireLease(ctx, acquireReq("db/analytics", "t", "write"))
+	require.NoError(t, err)
+	conn, err := pgx.Connect(ctx, l.GetSecret()["dsn"])
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	require.NoError(t, conn.Ping(ctx))
+	_, err = e.admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent2ID, Reason: "r"})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return conn.Ping(ctx) != nil }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return !roleExists(t, c, l.GetSecret()["user"]) }, 10*time.Second, 20*time.Millisecond)
+}
+
+func auditText(e *env) []string {
+	var out []string
+	for _, r := range e.audit(nil) {
+		out = append(out, r.String())
+	}
+	return out
+}
