@@ -24,6 +24,9 @@ var (
 	ErrUnsupportedScope = errors.New("unsupported scope")
 	// ErrUpstreamUnavailable: the upstream system could not be reached; retry.
 	ErrUpstreamUnavailable = errors.New("upstream unavailable")
+	// ErrUpstreamRejected: the upstream refused what the credential's config
+	// asked for (e.g. a SQL template that does not run). Retrying will not help.
+	ErrUpstreamRejected = errors.New("upstream rejected the request")
 	// ErrUnknownBackend: no backend is registered under the name.
 	ErrUnknownBackend = errors.New("unknown backend")
 )

@@ -229,7 +229,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	})
 	endSpan(bspan, err)
 	if err != nil {
-		return nil, fmt.Errorf("backend %s issue for %q: %w", cred.Backend, cred.Name, err)
+		return nil, issueError(cred, err)
 	}
 	defer clearSecret(issued.Secret)
 	defer clear(issued.Artifact)
@@ -657,4 +657,21 @@ func (s *Server) runReaper() {
 		case <-t.C:
 		}
 	}
+}
+
+// issueError turns a backend's failure into what the agent is told:
+// Unavailable for an upstream outage (retry), InvalidArgument for a scope
+// the backend cannot mint, FailedPrecondition for a credential whose config
+// the upstream rejects (its message is the backend's, which never holds
+// secrets). Anything else stays internal.
+func issueError(c *store.Credential, err error) error {
+	switch {
+	case errors.Is(err, backends.ErrUpstreamUnavailable):
+		return newAPIError(codes.Unavailable, "credential %q: its upstream is unavailable; retry later", c.Name)
+	case errors.Is(err, backends.ErrUnsupportedScope):
+		return errInvalid("scopes", "%v", err)
+	case errors.Is(err, backends.ErrInvalidConfig), errors.Is(err, backends.ErrUpstreamRejected):
+		return errPrecondition("credential %q is misconfigured: %v", c.Name, err)
+	}
+	return fmt.Errorf("backend %s issue for %q: %w", c.Backend, c.Name, err)
 }

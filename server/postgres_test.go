@@ -177,3 +177,42 @@ func auditText(e *env) []string {
 	}
 	return out
 }
+
+func TestPostgresErrorsAreClearAndInjectionFails(t *testing.T) {
+	e, c := pgEnv(t)
+	// Injection through request fields is refused before anything runs.
+	for _, req := range []*leaseholdv1.AcquireLeaseRequest{
+		acquireReq("db/analytics'; DROP TABLE app.events; --", "t", "read"),
+		acquireReq("db/analytics", "t'; DROP TABLE app.events; --", "read"),
+		acquireReq("db/analytics", "t", "read; DROP TABLE app.events"),
+	} {
+		_, err := e.agent2.AcquireLease(ctx, req)
+		requireCode(t, err, codes.InvalidArgument, "")
+	}
+	var n int
+	require.NoError(t, c.Connect(t).QueryRow(ctx, "SELECT count(*) FROM app.events").Scan(&n))
+
+	// A scope granted by the broker but missing from the templates.
+	_, err := e.admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+		Subject: &leaseholdv1.Grant_SpiffeId{SpiffeId: agent1ID}, Credential: "db/analytics", Scopes: []string{"admin"}}})
+	require.NoError(t, err)
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("db/analytics", "t", "admin"))
+	requireCode(t, err, codes.InvalidArgument, `scopes: unsupported scope: "admin" has no template`)
+
+	// A template the database rejects.
+	_, err = e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/broken", Backend: "postgres",
+		Config: map[string]string{"host": c.Host, "port": strconv.Itoa(c.Port), "database": "postgres", "sslmode": "disable",
+			"admin_user": "leasehold_admin", "scope.read": "GRANT SELEKT ON app.events TO {{role}}"},
+		Secret: map[string]string{"admin_password": pgAdminPassword}})
+	require.NoError(t, err)
+	e.grant("db/broken", agent1ID, "read")
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("db/broken", "t", "read"))
+	requireCode(t, err, codes.FailedPrecondition, `credential "db/broken" is misconfigured`)
+	requireCode(t, err, codes.FailedPrecondition, "SQLSTATE 42601")
+
+	// The database is down.
+	c.StopServer(t)
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("db/analytics", "t", "read"))
+	requireCode(t, err, codes.Unavailable, `credential "db/analytics": its upstream is unavailable`)
+	require.NotContains(t, e.logs.String(), pgAdminPassword)
+}

@@ -217,10 +217,22 @@ func redact(err error, c *config, secrets ...string) string {
 // (retried by the revocation queue); anything else is returned as is.
 func upstream(err error, c *config, what string, secrets ...string) error {
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return fmt.Errorf("postgres %s: %s", what, redact(err, c, secrets...))
+	if errors.As(err, &pgErr) && !transient(pgErr.Code) {
+		return fmt.Errorf("%w: postgres %s: %s", backends.ErrUpstreamRejected, what, redact(err, c, secrets...))
 	}
 	return fmt.Errorf("%w: postgres %s: %s", backends.ErrUpstreamUnavailable, what, redact(err, c, secrets...))
+}
+
+// transient reports SQLSTATE classes that mean the server is going away or
+// overloaded rather than refusing the statement: connection exception (08),
+// insufficient resources (53), operator intervention (57, e.g. 57P01 on
+// shutdown) and system error (58).
+func transient(code string) bool {
+	switch code[:min(2, len(code))] {
+	case "08", "53", "57", "58":
+		return true
+	}
+	return false
 }
 
 func roleFor(c *config, leaseID string) (string, error) {

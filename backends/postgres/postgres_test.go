@@ -180,3 +180,18 @@ func TestConfigAndInjection(t *testing.T) {
 	var n int
 	require.NoError(t, conn.QueryRow(ctx, "SELECT count(*) FROM app.events").Scan(&n), "the table is still there")
 }
+
+// After the server restarts, pooled connections fail with 57P01; that is an
+// outage to retry, not a rejected statement.
+func TestRestartedServerIsAnOutageNotARejection(t *testing.T) {
+	c, spec := setup(t)
+	b := postgres.New()
+	defer b.Close()
+	issue(t, b, spec, 1, "read") // fills the pool
+	c.StopServer(t)
+	_, err := b.Issue(context.Background(), backends.IssueRequest{Spec: spec, LeaseID: leaseID(2), Scopes: []string{"read"}, ExpiresAt: time.Now().Add(time.Minute)})
+	require.ErrorIs(t, err, backends.ErrUpstreamUnavailable)
+	require.NotErrorIs(t, err, backends.ErrUpstreamRejected)
+	c.StartServer(t)
+	issue(t, b, spec, 3, "read") // and it recovers
+}
