@@ -86,6 +86,18 @@ type Backend interface {
 	Revoke(ctx context.Context, ref LeaseRef) error
 }
 
+// Rotator is implemented by backends whose stored secret can be replaced
+// upstream, e.g. a database admin password. Leases issued before a rotation
+// keep working.
+type Rotator interface {
+	// NextSecret generates a replacement for spec.Secret.
+	NextSecret(spec Spec) (map[string][]byte, error)
+	// Rotate makes next take effect upstream, authenticating with
+	// spec.Secret; afterwards spec.Secret no longer works. Rotating back
+	// (spec.Secret = next, next = the old secret) undoes it.
+	Rotate(ctx context.Context, spec Spec, next map[string][]byte) error
+}
+
 // Registry maps backend names to implementations. It is filled once at
 // start-up (in cmd/leasehold) and read-only afterwards.
 type Registry struct {

@@ -32,6 +32,7 @@ var methodAccess = map[string]access{
 	"/leasehold.v1.AdminService/GetCredential":      accessAdmin,
 	"/leasehold.v1.AdminService/ListCredentials":    accessAdmin,
 	"/leasehold.v1.AdminService/DeleteCredential":   accessAdmin,
+	"/leasehold.v1.AdminService/RotateCredential":   accessAdmin,
 	"/leasehold.v1.AdminService/CreateGrant":        accessAdmin,
 	"/leasehold.v1.AdminService/ListGrants":         accessAdmin,
 	"/leasehold.v1.AdminService/DeleteGrant":        accessAdmin,

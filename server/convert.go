@@ -100,6 +100,7 @@ var auditEvents = map[store.AuditEvent]leaseholdv1.AuditEvent{
 	store.EventGrantDelete:      leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_DELETE,
 	store.EventAccessDeny:       leaseholdv1.AuditEvent_AUDIT_EVENT_ACCESS_DENY,
 	store.EventAuditPrune:       leaseholdv1.AuditEvent_AUDIT_EVENT_AUDIT_PRUNE,
+	store.EventCredentialRotate: leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE,
 }
 
 func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {

@@ -216,3 +216,39 @@ func TestPostgresErrorsAreClearAndInjectionFails(t *testing.T) {
 	requireCode(t, err, codes.Unavailable, `credential "db/analytics": its upstream is unavailable`)
 	require.NotContains(t, e.logs.String(), pgAdminPassword)
 }
+
+func TestPostgresRotateCredential(t *testing.T) {
+	e, c := pgEnv(t)
+	before, err := e.agent2.AcquireLease(ctx, acquireReq("db/analytics", "t", "write"))
+	require.NoError(t, err)
+	conn, err := pgx.Connect(ctx, before.GetSecret()["dsn"])
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+
+	resp, err := e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "db/analytics"})
+	require.NoError(t, err)
+	require.Equal(t, uint64(2), resp.GetCredential().GetCurrentVersion())
+	_, err = pgx.Connect(ctx, c.DSN("leasehold_admin", pgAdminPassword))
+	require.Error(t, err, "the old admin password no longer works")
+
+	require.NoError(t, conn.Ping(ctx), "a lease issued before the rotation keeps working")
+	after, err := e.agent2.AcquireLease(ctx, acquireReq("db/analytics", "t", "read"))
+	require.NoError(t, err, "new leases are made with the new admin password")
+	_, err = e.agent2.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: before.GetLease().GetId()})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return !roleExists(t, c, before.GetSecret()["user"]) }, 10*time.Second, 20*time.Millisecond,
+		"and old leases are revoked with it too")
+	require.True(t, roleExists(t, c, after.GetSecret()["user"]))
+	rot := e.audit(&leaseholdv1.QueryAuditRequest{Credential: "db/analytics"})
+	found := false
+	for _, r := range rot {
+		found = found || r.GetEvent() == leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE
+	}
+	require.True(t, found, "the rotation is audited")
+
+	e.putStatic("api/key", map[string]string{"k": "v"})
+	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "api/key"})
+	requireCode(t, err, codes.FailedPrecondition, "cannot rotate")
+	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "api/none"})
+	requireCode(t, err, codes.NotFound, "")
+}

@@ -292,6 +292,7 @@ const (
 	EventGrantDelete      AuditEvent = "grant.delete"
 	EventAccessDeny       AuditEvent = "access.deny"
 	EventAuditPrune       AuditEvent = "audit.prune"
+	EventCredentialRotate AuditEvent = "credential.rotate"
 )
 
 // Decision is the outcome an audit record holds.

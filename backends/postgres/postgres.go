@@ -335,6 +335,47 @@ func (b *Backend) Renew(ctx context.Context, ref backends.LeaseRef, expiresAt ti
 	return expiresAt, nil
 }
 
+var _ backends.Rotator = (*Backend)(nil)
+
+// NextSecret implements backends.Rotator: a new random admin password.
+func (b *Backend) NextSecret(spec backends.Spec) (map[string][]byte, error) {
+	if _, err := parse(spec); err != nil {
+		return nil, err
+	}
+	raw := make([]byte, 32)
+	if _, err := rand.Read(raw); err != nil {
+		return nil, err
+	}
+	return map[string][]byte{"admin_password": []byte(base64.RawURLEncoding.EncodeToString(raw))}, nil
+}
+
+// Rotate implements backends.Rotator: ALTER ROLE CURRENT_USER PASSWORD. The
+// pool for the old password is closed; connections it had open end, and
+// lease roles are not touched.
+func (b *Backend) Rotate(ctx context.Context, spec backends.Spec, next map[string][]byte) error {
+	c, err := parse(spec)
+	if err != nil {
+		return err
+	}
+	pw := string(next["admin_password"])
+	if len(pw) < 16 {
+		return invalid("secret.admin_password: the new password is too short")
+	}
+	pool, err := b.pool(ctx, c)
+	if err != nil {
+		return err
+	}
+	if _, err := pool.Exec(ctx, "ALTER ROLE CURRENT_USER PASSWORD "+quoteLiteral(pw)); err != nil {
+		return upstream(err, c, "rotate admin password", pw)
+	}
+	key := sha256.Sum256([]byte(c.dsn(c.adminUser, c.adminPassword)))
+	b.mu.Lock()
+	delete(b.pools, key)
+	b.mu.Unlock()
+	pool.Close()
+	return nil
+}
+
 // Revoke implements backends.Backend: it stops new logins, terminates the
 // role's sessions, drops what it owns and drops it. A role that is already
 // gone is success.

@@ -117,6 +117,13 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	case "credential list":
 		r, err := admin.ListCredentials(ctx, &leaseholdv1.ListCredentialsRequest{PageSize: int32(*limit), PageToken: *pageToken})
 		return emit(stdout, r, err)
+	case "credential rotate":
+		name, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: name})
+		return emit(stdout, r, err)
 	case "credential delete":
 		name, err := one()
 		if err != nil {

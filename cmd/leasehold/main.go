@@ -31,7 +31,7 @@ Agent (caller is the SVID in the connection flags):
 
 Admin:
   credential put NAME [--backend static] [--set k=v]... [--set-file k=PATH]... [--config k=v]... [--description D]
-  credential get NAME | credential list | credential delete NAME
+  credential get NAME | credential list | credential delete NAME | credential rotate NAME
   grant create --credential C (--spiffe-id ID | --spiffe-id-prefix ID) --scopes a,b [--max-ttl D] [--max-lifetime D]
   grant list [--credential C] | grant delete GRANT_ID
   agent revoke SPIFFE_ID --reason R | agent reinstate SPIFFE_ID | agent list [--revoked]

@@ -342,6 +342,94 @@ func (x *ListCredentialsResponse) GetNextPageToken() string {
 	return ""
 }
 
+type RotateCredentialRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCredentialRequest) Reset() {
+	*x = RotateCredentialRequest{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCredentialRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCredentialRequest) ProtoMessage() {}
+
+func (x *RotateCredentialRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCredentialRequest.ProtoReflect.Descriptor instead.
+func (*RotateCredentialRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RotateCredentialRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RotateCredentialResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Credential    *Credential            `protobuf:"bytes,1,opt,name=credential,proto3" json:"credential,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCredentialResponse) Reset() {
+	*x = RotateCredentialResponse{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCredentialResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCredentialResponse) ProtoMessage() {}
+
+func (x *RotateCredentialResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCredentialResponse.ProtoReflect.Descriptor instead.
+func (*RotateCredentialResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RotateCredentialResponse) GetCredential() *Credential {
+	if x != nil {
+		return x.Credential
+	}
+	return nil
+}
+
 type DeleteCredentialRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -351,7 +439,7 @@ type DeleteCredentialRequest struct {
 
 func (x *DeleteCredentialRequest) Reset() {
 	*x = DeleteCredentialRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[6]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +451,7 @@ func (x *DeleteCredentialRequest) String() string {
 func (*DeleteCredentialRequest) ProtoMessage() {}
 
 func (x *DeleteCredentialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[6]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +464,7 @@ func (x *DeleteCredentialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCredentialRequest.ProtoReflect.Descriptor instead.
 func (*DeleteCredentialRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeleteCredentialRequest) GetName() string {
@@ -397,7 +485,7 @@ type DeleteCredentialResponse struct {
 
 func (x *DeleteCredentialResponse) Reset() {
 	*x = DeleteCredentialResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[7]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -409,7 +497,7 @@ func (x *DeleteCredentialResponse) String() string {
 func (*DeleteCredentialResponse) ProtoMessage() {}
 
 func (x *DeleteCredentialResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[7]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -422,7 +510,7 @@ func (x *DeleteCredentialResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteCredentialResponse.ProtoReflect.Descriptor instead.
 func (*DeleteCredentialResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DeleteCredentialResponse) GetLeasesRevoked() int32 {
@@ -449,7 +537,7 @@ type CreateGrantRequest struct {
 
 func (x *CreateGrantRequest) Reset() {
 	*x = CreateGrantRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[8]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -461,7 +549,7 @@ func (x *CreateGrantRequest) String() string {
 func (*CreateGrantRequest) ProtoMessage() {}
 
 func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[8]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -474,7 +562,7 @@ func (x *CreateGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrantRequest.ProtoReflect.Descriptor instead.
 func (*CreateGrantRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateGrantRequest) GetGrant() *Grant {
@@ -493,7 +581,7 @@ type CreateGrantResponse struct {
 
 func (x *CreateGrantResponse) Reset() {
 	*x = CreateGrantResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[9]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -505,7 +593,7 @@ func (x *CreateGrantResponse) String() string {
 func (*CreateGrantResponse) ProtoMessage() {}
 
 func (x *CreateGrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[9]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -518,7 +606,7 @@ func (x *CreateGrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateGrantResponse.ProtoReflect.Descriptor instead.
 func (*CreateGrantResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateGrantResponse) GetGrant() *Grant {
@@ -542,7 +630,7 @@ type ListGrantsRequest struct {
 
 func (x *ListGrantsRequest) Reset() {
 	*x = ListGrantsRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[10]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +642,7 @@ func (x *ListGrantsRequest) String() string {
 func (*ListGrantsRequest) ProtoMessage() {}
 
 func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[10]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +655,7 @@ func (x *ListGrantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGrantsRequest.ProtoReflect.Descriptor instead.
 func (*ListGrantsRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListGrantsRequest) GetCredential() string {
@@ -608,7 +696,7 @@ type ListGrantsResponse struct {
 
 func (x *ListGrantsResponse) Reset() {
 	*x = ListGrantsResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[11]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -620,7 +708,7 @@ func (x *ListGrantsResponse) String() string {
 func (*ListGrantsResponse) ProtoMessage() {}
 
 func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[11]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -633,7 +721,7 @@ func (x *ListGrantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGrantsResponse.ProtoReflect.Descriptor instead.
 func (*ListGrantsResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListGrantsResponse) GetGrants() []*Grant {
@@ -659,7 +747,7 @@ type DeleteGrantRequest struct {
 
 func (x *DeleteGrantRequest) Reset() {
 	*x = DeleteGrantRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[12]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -671,7 +759,7 @@ func (x *DeleteGrantRequest) String() string {
 func (*DeleteGrantRequest) ProtoMessage() {}
 
 func (x *DeleteGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[12]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -684,7 +772,7 @@ func (x *DeleteGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteGrantRequest.ProtoReflect.Descriptor instead.
 func (*DeleteGrantRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteGrantRequest) GetId() string {
@@ -703,7 +791,7 @@ type DeleteGrantResponse struct {
 
 func (x *DeleteGrantResponse) Reset() {
 	*x = DeleteGrantResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[13]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -715,7 +803,7 @@ func (x *DeleteGrantResponse) String() string {
 func (*DeleteGrantResponse) ProtoMessage() {}
 
 func (x *DeleteGrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[13]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -728,7 +816,7 @@ func (x *DeleteGrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteGrantResponse.ProtoReflect.Descriptor instead.
 func (*DeleteGrantResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteGrantResponse) GetLeasesRevoked() int32 {
@@ -749,7 +837,7 @@ type RevokeAgentRequest struct {
 
 func (x *RevokeAgentRequest) Reset() {
 	*x = RevokeAgentRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[14]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +849,7 @@ func (x *RevokeAgentRequest) String() string {
 func (*RevokeAgentRequest) ProtoMessage() {}
 
 func (x *RevokeAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[14]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +862,7 @@ func (x *RevokeAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeAgentRequest.ProtoReflect.Descriptor instead.
 func (*RevokeAgentRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeAgentRequest) GetSpiffeId() string {
@@ -801,7 +889,7 @@ type RevokeAgentResponse struct {
 
 func (x *RevokeAgentResponse) Reset() {
 	*x = RevokeAgentResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[15]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -813,7 +901,7 @@ func (x *RevokeAgentResponse) String() string {
 func (*RevokeAgentResponse) ProtoMessage() {}
 
 func (x *RevokeAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[15]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -826,7 +914,7 @@ func (x *RevokeAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeAgentResponse.ProtoReflect.Descriptor instead.
 func (*RevokeAgentResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RevokeAgentResponse) GetAgent() *Agent {
@@ -852,7 +940,7 @@ type ReinstateAgentRequest struct {
 
 func (x *ReinstateAgentRequest) Reset() {
 	*x = ReinstateAgentRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[16]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -864,7 +952,7 @@ func (x *ReinstateAgentRequest) String() string {
 func (*ReinstateAgentRequest) ProtoMessage() {}
 
 func (x *ReinstateAgentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[16]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -877,7 +965,7 @@ func (x *ReinstateAgentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReinstateAgentRequest.ProtoReflect.Descriptor instead.
 func (*ReinstateAgentRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ReinstateAgentRequest) GetSpiffeId() string {
@@ -896,7 +984,7 @@ type ReinstateAgentResponse struct {
 
 func (x *ReinstateAgentResponse) Reset() {
 	*x = ReinstateAgentResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[17]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -908,7 +996,7 @@ func (x *ReinstateAgentResponse) String() string {
 func (*ReinstateAgentResponse) ProtoMessage() {}
 
 func (x *ReinstateAgentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[17]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -921,7 +1009,7 @@ func (x *ReinstateAgentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReinstateAgentResponse.ProtoReflect.Descriptor instead.
 func (*ReinstateAgentResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReinstateAgentResponse) GetAgent() *Agent {
@@ -943,7 +1031,7 @@ type ListAgentsRequest struct {
 
 func (x *ListAgentsRequest) Reset() {
 	*x = ListAgentsRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[18]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1043,7 @@ func (x *ListAgentsRequest) String() string {
 func (*ListAgentsRequest) ProtoMessage() {}
 
 func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[18]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1056,7 @@ func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAgentsRequest.ProtoReflect.Descriptor instead.
 func (*ListAgentsRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListAgentsRequest) GetRevokedOnly() bool {
@@ -1002,7 +1090,7 @@ type ListAgentsResponse struct {
 
 func (x *ListAgentsResponse) Reset() {
 	*x = ListAgentsResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[19]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1102,7 @@ func (x *ListAgentsResponse) String() string {
 func (*ListAgentsResponse) ProtoMessage() {}
 
 func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[19]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1115,7 @@ func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAgentsResponse.ProtoReflect.Descriptor instead.
 func (*ListAgentsResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListAgentsResponse) GetAgents() []*Agent {
@@ -1059,7 +1147,7 @@ type ListLeasesRequest struct {
 
 func (x *ListLeasesRequest) Reset() {
 	*x = ListLeasesRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[20]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1071,7 +1159,7 @@ func (x *ListLeasesRequest) String() string {
 func (*ListLeasesRequest) ProtoMessage() {}
 
 func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[20]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1084,7 +1172,7 @@ func (x *ListLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesRequest.ProtoReflect.Descriptor instead.
 func (*ListLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListLeasesRequest) GetAgentId() string {
@@ -1132,7 +1220,7 @@ type ListLeasesResponse struct {
 
 func (x *ListLeasesResponse) Reset() {
 	*x = ListLeasesResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[21]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +1232,7 @@ func (x *ListLeasesResponse) String() string {
 func (*ListLeasesResponse) ProtoMessage() {}
 
 func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[21]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +1245,7 @@ func (x *ListLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListLeasesResponse.ProtoReflect.Descriptor instead.
 func (*ListLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListLeasesResponse) GetLeases() []*Lease {
@@ -1184,7 +1272,7 @@ type RevokeLeaseRequest struct {
 
 func (x *RevokeLeaseRequest) Reset() {
 	*x = RevokeLeaseRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[22]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1284,7 @@ func (x *RevokeLeaseRequest) String() string {
 func (*RevokeLeaseRequest) ProtoMessage() {}
 
 func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[22]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1297,7 @@ func (x *RevokeLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RevokeLeaseRequest) GetLeaseId() string {
@@ -1235,7 +1323,7 @@ type RevokeLeaseResponse struct {
 
 func (x *RevokeLeaseResponse) Reset() {
 	*x = RevokeLeaseResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[23]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1247,7 +1335,7 @@ func (x *RevokeLeaseResponse) String() string {
 func (*RevokeLeaseResponse) ProtoMessage() {}
 
 func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[23]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1260,7 +1348,7 @@ func (x *RevokeLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RevokeLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeLeaseResponse) GetLease() *Lease {
@@ -1292,7 +1380,7 @@ type QueryAuditRequest struct {
 
 func (x *QueryAuditRequest) Reset() {
 	*x = QueryAuditRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[24]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1304,7 +1392,7 @@ func (x *QueryAuditRequest) String() string {
 func (*QueryAuditRequest) ProtoMessage() {}
 
 func (x *QueryAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[24]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1317,7 +1405,7 @@ func (x *QueryAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryAuditRequest.ProtoReflect.Descriptor instead.
 func (*QueryAuditRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{24}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *QueryAuditRequest) GetAgentId() string {
@@ -1400,7 +1488,7 @@ type QueryAuditResponse struct {
 
 func (x *QueryAuditResponse) Reset() {
 	*x = QueryAuditResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[25]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1412,7 +1500,7 @@ func (x *QueryAuditResponse) String() string {
 func (*QueryAuditResponse) ProtoMessage() {}
 
 func (x *QueryAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[25]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1425,7 +1513,7 @@ func (x *QueryAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryAuditResponse.ProtoReflect.Descriptor instead.
 func (*QueryAuditResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{25}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *QueryAuditResponse) GetRecords() []*AuditRecord {
@@ -1460,7 +1548,7 @@ type WatchAuditRequest struct {
 
 func (x *WatchAuditRequest) Reset() {
 	*x = WatchAuditRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1560,7 @@ func (x *WatchAuditRequest) String() string {
 func (*WatchAuditRequest) ProtoMessage() {}
 
 func (x *WatchAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1573,7 @@ func (x *WatchAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAuditRequest.ProtoReflect.Descriptor instead.
 func (*WatchAuditRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{26}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *WatchAuditRequest) GetAgentId() string {
@@ -1546,7 +1634,7 @@ type WatchAuditResponse struct {
 
 func (x *WatchAuditResponse) Reset() {
 	*x = WatchAuditResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1558,7 +1646,7 @@ func (x *WatchAuditResponse) String() string {
 func (*WatchAuditResponse) ProtoMessage() {}
 
 func (x *WatchAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1571,7 +1659,7 @@ func (x *WatchAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAuditResponse.ProtoReflect.Descriptor instead.
 func (*WatchAuditResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{27}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *WatchAuditResponse) GetRecord() *AuditRecord {
@@ -1589,7 +1677,7 @@ type GetAuditCheckpointRequest struct {
 
 func (x *GetAuditCheckpointRequest) Reset() {
 	*x = GetAuditCheckpointRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +1689,7 @@ func (x *GetAuditCheckpointRequest) String() string {
 func (*GetAuditCheckpointRequest) ProtoMessage() {}
 
 func (x *GetAuditCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +1702,7 @@ func (x *GetAuditCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAuditCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*GetAuditCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{28}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 type GetAuditCheckpointResponse struct {
@@ -1626,7 +1714,7 @@ type GetAuditCheckpointResponse struct {
 
 func (x *GetAuditCheckpointResponse) Reset() {
 	*x = GetAuditCheckpointResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1638,7 +1726,7 @@ func (x *GetAuditCheckpointResponse) String() string {
 func (*GetAuditCheckpointResponse) ProtoMessage() {}
 
 func (x *GetAuditCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1651,7 +1739,7 @@ func (x *GetAuditCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAuditCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*GetAuditCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{29}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GetAuditCheckpointResponse) GetCheckpoint() *AuditCheckpoint {
@@ -1675,7 +1763,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +1775,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +1788,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{30}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *VerifyAuditRequest) GetFromSequence() uint64 {
@@ -1745,7 +1833,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1757,7 +1845,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1770,7 +1858,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{31}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -1828,7 +1916,7 @@ type ExplainAccessRequest struct {
 
 func (x *ExplainAccessRequest) Reset() {
 	*x = ExplainAccessRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1840,7 +1928,7 @@ func (x *ExplainAccessRequest) String() string {
 func (*ExplainAccessRequest) ProtoMessage() {}
 
 func (x *ExplainAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1853,7 +1941,7 @@ func (x *ExplainAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainAccessRequest.ProtoReflect.Descriptor instead.
 func (*ExplainAccessRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{32}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ExplainAccessRequest) GetAgentId() string {
@@ -1901,7 +1989,7 @@ type ExplainAccessResponse struct {
 
 func (x *ExplainAccessResponse) Reset() {
 	*x = ExplainAccessResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1913,7 +2001,7 @@ func (x *ExplainAccessResponse) String() string {
 func (*ExplainAccessResponse) ProtoMessage() {}
 
 func (x *ExplainAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1926,7 +2014,7 @@ func (x *ExplainAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainAccessResponse.ProtoReflect.Descriptor instead.
 func (*ExplainAccessResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{33}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ExplainAccessResponse) GetAllowed() bool {
@@ -1998,6 +2086,12 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x17ListCredentialsResponse\x12:\n" +
 	"\vcredentials\x18\x01 \x03(\v2\x18.leasehold.v1.CredentialR\vcredentials\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"-\n" +
+	"\x17RotateCredentialRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"T\n" +
+	"\x18RotateCredentialResponse\x128\n" +
+	"\n" +
+	"credential\x18\x01 \x01(\v2\x18.leasehold.v1.CredentialR\n" +
+	"credential\"-\n" +
 	"\x17DeleteCredentialRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"h\n" +
 	"\x18DeleteCredentialResponse\x12%\n" +
@@ -2116,12 +2210,13 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12)\n" +
 	"\x05grant\x18\x04 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\x12<\n" +
-	"\x0fmatching_grants\x18\x05 \x03(\v2\x13.leasehold.v1.GrantR\x0ematchingGrants2\xe0\v\n" +
+	"\x0fmatching_grants\x18\x05 \x03(\v2\x13.leasehold.v1.GrantR\x0ematchingGrants2\xc3\f\n" +
 	"\fAdminService\x12X\n" +
 	"\rPutCredential\x12\".leasehold.v1.PutCredentialRequest\x1a#.leasehold.v1.PutCredentialResponse\x12X\n" +
 	"\rGetCredential\x12\".leasehold.v1.GetCredentialRequest\x1a#.leasehold.v1.GetCredentialResponse\x12^\n" +
 	"\x0fListCredentials\x12$.leasehold.v1.ListCredentialsRequest\x1a%.leasehold.v1.ListCredentialsResponse\x12a\n" +
-	"\x10DeleteCredential\x12%.leasehold.v1.DeleteCredentialRequest\x1a&.leasehold.v1.DeleteCredentialResponse\x12R\n" +
+	"\x10DeleteCredential\x12%.leasehold.v1.DeleteCredentialRequest\x1a&.leasehold.v1.DeleteCredentialResponse\x12a\n" +
+	"\x10RotateCredential\x12%.leasehold.v1.RotateCredentialRequest\x1a&.leasehold.v1.RotateCredentialResponse\x12R\n" +
 	"\vCreateGrant\x12 .leasehold.v1.CreateGrantRequest\x1a!.leasehold.v1.CreateGrantResponse\x12O\n" +
 	"\n" +
 	"ListGrants\x12\x1f.leasehold.v1.ListGrantsRequest\x1a .leasehold.v1.ListGrantsResponse\x12R\n" +
@@ -2153,7 +2248,7 @@ func file_leasehold_v1_admin_proto_rawDescGZIP() []byte {
 	return file_leasehold_v1_admin_proto_rawDescData
 }
 
-var file_leasehold_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_leasehold_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_leasehold_v1_admin_proto_goTypes = []any{
 	(*PutCredentialRequest)(nil),       // 0: leasehold.v1.PutCredentialRequest
 	(*PutCredentialResponse)(nil),      // 1: leasehold.v1.PutCredentialResponse
@@ -2161,112 +2256,117 @@ var file_leasehold_v1_admin_proto_goTypes = []any{
 	(*GetCredentialResponse)(nil),      // 3: leasehold.v1.GetCredentialResponse
 	(*ListCredentialsRequest)(nil),     // 4: leasehold.v1.ListCredentialsRequest
 	(*ListCredentialsResponse)(nil),    // 5: leasehold.v1.ListCredentialsResponse
-	(*DeleteCredentialRequest)(nil),    // 6: leasehold.v1.DeleteCredentialRequest
-	(*DeleteCredentialResponse)(nil),   // 7: leasehold.v1.DeleteCredentialResponse
-	(*CreateGrantRequest)(nil),         // 8: leasehold.v1.CreateGrantRequest
-	(*CreateGrantResponse)(nil),        // 9: leasehold.v1.CreateGrantResponse
-	(*ListGrantsRequest)(nil),          // 10: leasehold.v1.ListGrantsRequest
-	(*ListGrantsResponse)(nil),         // 11: leasehold.v1.ListGrantsResponse
-	(*DeleteGrantRequest)(nil),         // 12: leasehold.v1.DeleteGrantRequest
-	(*DeleteGrantResponse)(nil),        // 13: leasehold.v1.DeleteGrantResponse
-	(*RevokeAgentRequest)(nil),         // 14: leasehold.v1.RevokeAgentRequest
-	(*RevokeAgentResponse)(nil),        // 15: leasehold.v1.RevokeAgentResponse
-	(*ReinstateAgentRequest)(nil),      // 16: leasehold.v1.ReinstateAgentRequest
-	(*ReinstateAgentResponse)(nil),     // 17: leasehold.v1.ReinstateAgentResponse
-	(*ListAgentsRequest)(nil),          // 18: leasehold.v1.ListAgentsRequest
-	(*ListAgentsResponse)(nil),         // 19: leasehold.v1.ListAgentsResponse
-	(*ListLeasesRequest)(nil),          // 20: leasehold.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),         // 21: leasehold.v1.ListLeasesResponse
-	(*RevokeLeaseRequest)(nil),         // 22: leasehold.v1.RevokeLeaseRequest
-	(*RevokeLeaseResponse)(nil),        // 23: leasehold.v1.RevokeLeaseResponse
-	(*QueryAuditRequest)(nil),          // 24: leasehold.v1.QueryAuditRequest
-	(*QueryAuditResponse)(nil),         // 25: leasehold.v1.QueryAuditResponse
-	(*WatchAuditRequest)(nil),          // 26: leasehold.v1.WatchAuditRequest
-	(*WatchAuditResponse)(nil),         // 27: leasehold.v1.WatchAuditResponse
-	(*GetAuditCheckpointRequest)(nil),  // 28: leasehold.v1.GetAuditCheckpointRequest
-	(*GetAuditCheckpointResponse)(nil), // 29: leasehold.v1.GetAuditCheckpointResponse
-	(*VerifyAuditRequest)(nil),         // 30: leasehold.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),        // 31: leasehold.v1.VerifyAuditResponse
-	(*ExplainAccessRequest)(nil),       // 32: leasehold.v1.ExplainAccessRequest
-	(*ExplainAccessResponse)(nil),      // 33: leasehold.v1.ExplainAccessResponse
-	nil,                                // 34: leasehold.v1.PutCredentialRequest.ConfigEntry
-	nil,                                // 35: leasehold.v1.PutCredentialRequest.SecretEntry
-	(*Credential)(nil),                 // 36: leasehold.v1.Credential
-	(*Grant)(nil),                      // 37: leasehold.v1.Grant
-	(*Agent)(nil),                      // 38: leasehold.v1.Agent
-	(*Lease)(nil),                      // 39: leasehold.v1.Lease
-	(Decision)(0),                      // 40: leasehold.v1.Decision
-	(*timestamppb.Timestamp)(nil),      // 41: google.protobuf.Timestamp
-	(*AuditRecord)(nil),                // 42: leasehold.v1.AuditRecord
-	(*AuditCheckpoint)(nil),            // 43: leasehold.v1.AuditCheckpoint
-	(*durationpb.Duration)(nil),        // 44: google.protobuf.Duration
+	(*RotateCredentialRequest)(nil),    // 6: leasehold.v1.RotateCredentialRequest
+	(*RotateCredentialResponse)(nil),   // 7: leasehold.v1.RotateCredentialResponse
+	(*DeleteCredentialRequest)(nil),    // 8: leasehold.v1.DeleteCredentialRequest
+	(*DeleteCredentialResponse)(nil),   // 9: leasehold.v1.DeleteCredentialResponse
+	(*CreateGrantRequest)(nil),         // 10: leasehold.v1.CreateGrantRequest
+	(*CreateGrantResponse)(nil),        // 11: leasehold.v1.CreateGrantResponse
+	(*ListGrantsRequest)(nil),          // 12: leasehold.v1.ListGrantsRequest
+	(*ListGrantsResponse)(nil),         // 13: leasehold.v1.ListGrantsResponse
+	(*DeleteGrantRequest)(nil),         // 14: leasehold.v1.DeleteGrantRequest
+	(*DeleteGrantResponse)(nil),        // 15: leasehold.v1.DeleteGrantResponse
+	(*RevokeAgentRequest)(nil),         // 16: leasehold.v1.RevokeAgentRequest
+	(*RevokeAgentResponse)(nil),        // 17: leasehold.v1.RevokeAgentResponse
+	(*ReinstateAgentRequest)(nil),      // 18: leasehold.v1.ReinstateAgentRequest
+	(*ReinstateAgentResponse)(nil),     // 19: leasehold.v1.ReinstateAgentResponse
+	(*ListAgentsRequest)(nil),          // 20: leasehold.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),         // 21: leasehold.v1.ListAgentsResponse
+	(*ListLeasesRequest)(nil),          // 22: leasehold.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),         // 23: leasehold.v1.ListLeasesResponse
+	(*RevokeLeaseRequest)(nil),         // 24: leasehold.v1.RevokeLeaseRequest
+	(*RevokeLeaseResponse)(nil),        // 25: leasehold.v1.RevokeLeaseResponse
+	(*QueryAuditRequest)(nil),          // 26: leasehold.v1.QueryAuditRequest
+	(*QueryAuditResponse)(nil),         // 27: leasehold.v1.QueryAuditResponse
+	(*WatchAuditRequest)(nil),          // 28: leasehold.v1.WatchAuditRequest
+	(*WatchAuditResponse)(nil),         // 29: leasehold.v1.WatchAuditResponse
+	(*GetAuditCheckpointRequest)(nil),  // 30: leasehold.v1.GetAuditCheckpointRequest
+	(*GetAuditCheckpointResponse)(nil), // 31: leasehold.v1.GetAuditCheckpointResponse
+	(*VerifyAuditRequest)(nil),         // 32: leasehold.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),        // 33: leasehold.v1.VerifyAuditResponse
+	(*ExplainAccessRequest)(nil),       // 34: leasehold.v1.ExplainAccessRequest
+	(*ExplainAccessResponse)(nil),      // 35: leasehold.v1.ExplainAccessResponse
+	nil,                                // 36: leasehold.v1.PutCredentialRequest.ConfigEntry
+	nil,                                // 37: leasehold.v1.PutCredentialRequest.SecretEntry
+	(*Credential)(nil),                 // 38: leasehold.v1.Credential
+	(*Grant)(nil),                      // 39: leasehold.v1.Grant
+	(*Agent)(nil),                      // 40: leasehold.v1.Agent
+	(*Lease)(nil),                      // 41: leasehold.v1.Lease
+	(Decision)(0),                      // 42: leasehold.v1.Decision
+	(*timestamppb.Timestamp)(nil),      // 43: google.protobuf.Timestamp
+	(*AuditRecord)(nil),                // 44: leasehold.v1.AuditRecord
+	(*AuditCheckpoint)(nil),            // 45: leasehold.v1.AuditCheckpoint
+	(*durationpb.Duration)(nil),        // 46: google.protobuf.Duration
 }
 var file_leasehold_v1_admin_proto_depIdxs = []int32{
-	34, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
-	35, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
-	36, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	36, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	36, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
-	37, // 5: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
-	37, // 6: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
-	37, // 7: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
-	38, // 8: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
-	38, // 9: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
-	38, // 10: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
-	39, // 11: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
-	39, // 12: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	40, // 13: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
-	41, // 14: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
-	41, // 15: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
-	42, // 16: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
-	40, // 17: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
-	42, // 18: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
-	43, // 19: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
-	43, // 20: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
-	43, // 21: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
-	43, // 22: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
-	44, // 23: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
-	37, // 24: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
-	37, // 25: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
-	0,  // 26: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
-	2,  // 27: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
-	4,  // 28: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
-	6,  // 29: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
-	8,  // 30: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
-	10, // 31: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
-	12, // 32: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
-	14, // 33: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
-	16, // 34: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
-	18, // 35: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
-	20, // 36: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
-	22, // 37: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
-	24, // 38: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
-	26, // 39: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
-	28, // 40: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
-	30, // 41: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
-	32, // 42: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
-	1,  // 43: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
-	3,  // 44: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
-	5,  // 45: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
-	7,  // 46: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
-	9,  // 47: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
-	11, // 48: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
-	13, // 49: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
-	15, // 50: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
-	17, // 51: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
-	19, // 52: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
-	21, // 53: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
-	23, // 54: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
-	25, // 55: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
-	27, // 56: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
-	29, // 57: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
-	31, // 58: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
-	33, // 59: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
-	43, // [43:60] is the sub-list for method output_type
-	26, // [26:43] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	36, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
+	37, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
+	38, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	38, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	38, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
+	38, // 5: leasehold.v1.RotateCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	39, // 6: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
+	39, // 7: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
+	39, // 8: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
+	40, // 9: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
+	40, // 10: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
+	40, // 11: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
+	41, // 12: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
+	41, // 13: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	42, // 14: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
+	43, // 15: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
+	43, // 16: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
+	44, // 17: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
+	42, // 18: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
+	44, // 19: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
+	45, // 20: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
+	45, // 21: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
+	45, // 22: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
+	45, // 23: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
+	46, // 24: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
+	39, // 25: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
+	39, // 26: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
+	0,  // 27: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
+	2,  // 28: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
+	4,  // 29: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
+	8,  // 30: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
+	6,  // 31: leasehold.v1.AdminService.RotateCredential:input_type -> leasehold.v1.RotateCredentialRequest
+	10, // 32: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
+	12, // 33: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
+	14, // 34: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
+	16, // 35: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
+	18, // 36: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
+	20, // 37: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
+	22, // 38: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
+	24, // 39: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
+	26, // 40: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
+	28, // 41: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
+	30, // 42: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
+	32, // 43: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
+	34, // 44: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
+	1,  // 45: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
+	3,  // 46: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
+	5,  // 47: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
+	9,  // 48: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
+	7,  // 49: leasehold.v1.AdminService.RotateCredential:output_type -> leasehold.v1.RotateCredentialResponse
+	11, // 50: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
+	13, // 51: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
+	15, // 52: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
+	17, // 53: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
+	19, // 54: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
+	21, // 55: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
+	23, // 56: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
+	25, // 57: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
+	27, // 58: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
+	29, // 59: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
+	31, // 60: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
+	33, // 61: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
+	35, // 62: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
+	45, // [45:63] is the sub-list for method output_type
+	27, // [27:45] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_admin_proto_init() }
@@ -2281,7 +2381,7 @@ func file_leasehold_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_admin_proto_rawDesc), len(file_leasehold_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   36,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,6 +23,7 @@ const (
 	AdminService_GetCredential_FullMethodName      = "/leasehold.v1.AdminService/GetCredential"
 	AdminService_ListCredentials_FullMethodName    = "/leasehold.v1.AdminService/ListCredentials"
 	AdminService_DeleteCredential_FullMethodName   = "/leasehold.v1.AdminService/DeleteCredential"
+	AdminService_RotateCredential_FullMethodName   = "/leasehold.v1.AdminService/RotateCredential"
 	AdminService_CreateGrant_FullMethodName        = "/leasehold.v1.AdminService/CreateGrant"
 	AdminService_ListGrants_FullMethodName         = "/leasehold.v1.AdminService/ListGrants"
 	AdminService_DeleteGrant_FullMethodName        = "/leasehold.v1.AdminService/DeleteGrant"
@@ -54,6 +55,11 @@ type AdminServiceClient interface {
 	// DeleteCredential deletes a credential, its versions and its grants, and
 	// revokes its active leases.
 	DeleteCredential(ctx context.Context, in *DeleteCredentialRequest, opts ...grpc.CallOption) (*DeleteCredentialResponse, error)
+	// RotateCredential replaces a credential's stored secret upstream (e.g.
+	// a database admin password) and stores the new one as a new version.
+	// Leases issued before keep working. Backends that cannot rotate answer
+	// FailedPrecondition.
+	RotateCredential(ctx context.Context, in *RotateCredentialRequest, opts ...grpc.CallOption) (*RotateCredentialResponse, error)
 	CreateGrant(ctx context.Context, in *CreateGrantRequest, opts ...grpc.CallOption) (*CreateGrantResponse, error)
 	ListGrants(ctx context.Context, in *ListGrantsRequest, opts ...grpc.CallOption) (*ListGrantsResponse, error)
 	// DeleteGrant deletes a grant and revokes the leases it allowed.
@@ -126,6 +132,16 @@ func (c *adminServiceClient) DeleteCredential(ctx context.Context, in *DeleteCre
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteCredentialResponse)
 	err := c.cc.Invoke(ctx, AdminService_DeleteCredential_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminServiceClient) RotateCredential(ctx context.Context, in *RotateCredentialRequest, opts ...grpc.CallOption) (*RotateCredentialResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateCredentialResponse)
+	err := c.cc.Invoke(ctx, AdminService_RotateCredential_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -287,6 +303,11 @@ type AdminServiceServer interface {
 	// DeleteCredential deletes a credential, its versions and its grants, and
 	// revokes its active leases.
 	DeleteCredential(context.Context, *DeleteCredentialRequest) (*DeleteCredentialResponse, error)
+	// RotateCredential replaces a credential's stored secret upstream (e.g.
+	// a database admin password) and stores the new one as a new version.
+	// Leases issued before keep working. Backends that cannot rotate answer
+	// FailedPrecondition.
+	RotateCredential(context.Context, *RotateCredentialRequest) (*RotateCredentialResponse, error)
 	CreateGrant(context.Context, *CreateGrantRequest) (*CreateGrantResponse, error)
 	ListGrants(context.Context, *ListGrantsRequest) (*ListGrantsResponse, error)
 	// DeleteGrant deletes a grant and revokes the leases it allowed.
@@ -336,6 +357,9 @@ func (UnimplementedAdminServiceServer) ListCredentials(context.Context, *ListCre
 }
 func (UnimplementedAdminServiceServer) DeleteCredential(context.Context, *DeleteCredentialRequest) (*DeleteCredentialResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteCredential not implemented")
+}
+func (UnimplementedAdminServiceServer) RotateCredential(context.Context, *RotateCredentialRequest) (*RotateCredentialResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateCredential not implemented")
 }
 func (UnimplementedAdminServiceServer) CreateGrant(context.Context, *CreateGrantRequest) (*CreateGrantResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateGrant not implemented")
@@ -465,6 +489,24 @@ func _AdminService_DeleteCredential_Handler(srv interface{}, ctx context.Context
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AdminServiceServer).DeleteCredential(ctx, req.(*DeleteCredentialRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AdminService_RotateCredential_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateCredentialRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RotateCredential(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RotateCredential_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RotateCredential(ctx, req.(*RotateCredentialRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -718,6 +760,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteCredential",
 			Handler:    _AdminService_DeleteCredential_Handler,
+		},
+		{
+			MethodName: "RotateCredential",
+			Handler:    _AdminService_RotateCredential_Handler,
 		},
 		{
 			MethodName: "CreateGrant",

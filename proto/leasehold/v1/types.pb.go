@@ -102,6 +102,8 @@ const (
 	// Retention removed the oldest records; the reason names the range and
 	// the checkpoint the chain continues from.
 	AuditEvent_AUDIT_EVENT_AUDIT_PRUNE AuditEvent = 13
+	// A credential's secret was replaced upstream by RotateCredential.
+	AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE AuditEvent = 14
 )
 
 // Enum value maps for AuditEvent.
@@ -121,6 +123,7 @@ var (
 		11: "AUDIT_EVENT_GRANT_DELETE",
 		12: "AUDIT_EVENT_ACCESS_DENY",
 		13: "AUDIT_EVENT_AUDIT_PRUNE",
+		14: "AUDIT_EVENT_CREDENTIAL_ROTATE",
 	}
 	AuditEvent_value = map[string]int32{
 		"AUDIT_EVENT_UNSPECIFIED":       0,
@@ -137,6 +140,7 @@ var (
 		"AUDIT_EVENT_GRANT_DELETE":      11,
 		"AUDIT_EVENT_ACCESS_DENY":       12,
 		"AUDIT_EVENT_AUDIT_PRUNE":       13,
+		"AUDIT_EVENT_CREDENTIAL_ROTATE": 14,
 	}
 )
 
@@ -1290,7 +1294,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n" +
 	"\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n" +
-	"\x13LEASE_STATE_REVOKED\x10\x04*\xb8\x03\n" +
+	"\x13LEASE_STATE_REVOKED\x10\x04*\xdb\x03\n" +
 	"\n" +
 	"AuditEvent\x12\x1b\n" +
 	"\x17AUDIT_EVENT_UNSPECIFIED\x10\x00\x12\x1d\n" +
@@ -1307,7 +1311,8 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12\x1c\n" +
 	"\x18AUDIT_EVENT_GRANT_DELETE\x10\v\x12\x1b\n" +
 	"\x17AUDIT_EVENT_ACCESS_DENY\x10\f\x12\x1b\n" +
-	"\x17AUDIT_EVENT_AUDIT_PRUNE\x10\r*K\n" +
+	"\x17AUDIT_EVENT_AUDIT_PRUNE\x10\r\x12!\n" +
+	"\x1dAUDIT_EVENT_CREDENTIAL_ROTATE\x10\x0e*K\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
