@@ -7,7 +7,7 @@ PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
 GO_TEST     ?= go test -race -count=1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help deps tools build generate generate-check lint breaking test test-go bench fuzz demo clean
+.PHONY: help deps tools build generate generate-check lint breaking test test-go bench bench-postgres fuzz demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ test-go: tools ## go test -race over every package
 
 bench: ## broker and store benchmarks (figures in docs/benchmarks.md)
 	go test -run '^$$' -bench . -benchmem -cpu 2,8,32 ./server/
+
+bench-postgres: deps ## PostgreSQL leases issued and roles revoked per second (docs/benchmarks.md)
+	go test -run '^$$' -bench 'Postgres' -benchtime 3000x -count 3 ./server/
 
 FUZZTIME ?= 30s
 fuzz: ## run every fuzz target for FUZZTIME each

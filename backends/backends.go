@@ -98,6 +98,13 @@ type Rotator interface {
 	Rotate(ctx context.Context, spec Spec, next map[string][]byte) error
 }
 
+// BatchRevoker is implemented by backends that destroy many artifacts of
+// one credential faster together. RevokeBatch returns one error per ref
+// (nil when done); the refs share a credential.
+type BatchRevoker interface {
+	RevokeBatch(ctx context.Context, refs []LeaseRef) []error
+}
+
 // Registry maps backend names to implementations. It is filled once at
 // start-up (in cmd/leasehold) and read-only afterwards.
 type Registry struct {

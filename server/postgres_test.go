@@ -20,7 +20,9 @@ const pgAdminPassword = "CANARY-pg-admin-5b7e"
 
 // pgEnv is a broker with a PostgreSQL credential "db/analytics" on a
 // throwaway cluster: agent-1 may lease read, agent-2 read and write.
-func pgEnv(t *testing.T) (*env, *pgtest.Cluster) {
+func pgEnv(t *testing.T) (*env, *pgtest.Cluster) { return pgEnvB(t) }
+
+func pgEnvB(t testing.TB) (*env, *pgtest.Cluster) {
 	c := pgtest.Start(t)
 	c.Exec(t, "CREATE ROLE leasehold_admin LOGIN CREATEROLE PASSWORD '"+pgAdminPassword+"'")
 	c.Exec(t, "CREATE SCHEMA app AUTHORIZATION leasehold_admin")
@@ -42,7 +44,7 @@ func pgEnv(t *testing.T) (*env, *pgtest.Cluster) {
 	return e, c
 }
 
-func roleExists(t *testing.T, c *pgtest.Cluster, role string) bool {
+func roleExists(t testing.TB, c *pgtest.Cluster, role string) bool {
 	t.Helper()
 	var n int
 	require.NoError(t, c.Connect(t).QueryRow(context.Background(), "SELECT count(*) FROM pg_roles WHERE rolname = $1", role).Scan(&n))

@@ -83,6 +83,24 @@ func Run(t *testing.T, c Case) {
 			require.NoError(t, c.Backend.Revoke(ctx, unknown), "revoking what never existed succeeds")
 		}
 	})
+	if br, ok := c.Backend.(backends.BatchRevoker); ok {
+		t.Run("RevokeBatch", func(t *testing.T) {
+			var refs []backends.LeaseRef
+			for i := range 5 {
+				id := fmt.Sprintf("ls_%032x", 0xbb00+i)
+				got, err := c.Backend.Issue(ctx, backends.IssueRequest{Spec: c.Spec, LeaseID: id, Scopes: c.Scopes, ExpiresAt: time.Now().Add(time.Minute)})
+				require.NoError(t, err)
+				refs = append(refs, backends.LeaseRef{Spec: c.Spec, LeaseID: id, Artifact: got.Artifact})
+			}
+			refs = append(refs, backends.LeaseRef{Spec: c.Spec, LeaseID: "ls_" + strings.Repeat("e", 32), Artifact: []byte("lh_" + strings.Repeat("e", 32))})
+			for i, err := range br.RevokeBatch(ctx, refs) {
+				require.NoError(t, err, "ref %d", i)
+			}
+			for i, err := range br.RevokeBatch(ctx, refs) {
+				require.NoError(t, err, "again, ref %d: batches are idempotent too", i)
+			}
+		})
+	}
 	if c.Unreachable != nil {
 		t.Run("UpstreamDownIsUnavailable", func(t *testing.T) {
 			_, err := c.Backend.Issue(ctx, backends.IssueRequest{Spec: *c.Unreachable, LeaseID: "ls_00000000000000000000000000000001",

@@ -223,6 +223,25 @@ func upstream(err error, c *config, what string, secrets ...string) error {
 	return fmt.Errorf("%w: postgres %s: %s", backends.ErrUpstreamUnavailable, what, redact(err, c, secrets...))
 }
 
+// runScript runs several statements in one simple-protocol round trip,
+// which PostgreSQL executes as one implicit transaction.
+func runScript(ctx context.Context, pool *pgxpool.Pool, script string) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	_, err = conn.Conn().PgConn().Exec(ctx, script).ReadAll()
+	return err
+}
+
+// catalogLock is the advisory lock key under which lease roles are
+// created, granted and dropped: PostgreSQL refuses concurrent GRANTs on the
+// same object ("tuple concurrently updated"), so these statements take
+// turns per database, across every broker that shares it. Each holds it
+// for one short transaction.
+const catalogLock = 0x6c65617365686f6c // "leasehol"
+
 // transient reports SQLSTATE classes that mean the server is going away or
 // overloaded rather than refusing the statement: connection exception (08),
 // insufficient resources (53), operator intervention (57, e.g. 57P01 on
@@ -280,25 +299,33 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 		return nil, err
 	}
 	ident := pgx.Identifier{role}.Sanitize()
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD %s VALID UNTIL %s", ident,
-			quoteLiteral(password), timestamp(expires))); err != nil {
-			return err
-		}
-		// Membership lets the admin terminate the role's sessions and
-		// reassign what it owns when the lease ends.
-		if _, err := tx.Exec(ctx, "GRANT "+ident+" TO CURRENT_USER"); err != nil {
-			return err
-		}
-		for _, s := range scopes {
-			sql := strings.ReplaceAll(c.scopes[s], placeholder, ident)
-			// Simple protocol: a template may hold several statements.
-			if _, err := tx.Conn().PgConn().Exec(ctx, sql).ReadAll(); err != nil {
-				return fmt.Errorf("scope %q template: %w", s, err)
+	// One script, one round trip: statements sent together in the simple
+	// protocol run as a single transaction, so a failing template leaves no
+	// role behind. Membership lets the admin terminate the role's sessions
+	// and reassign what it owns when the lease ends.
+	var script strings.Builder
+	fmt.Fprintf(&script, "CREATE ROLE %s LOGIN PASSWORD %s VALID UNTIL %s;\n", ident, quoteLiteral(password), timestamp(expires))
+	fmt.Fprintf(&script, "GRANT %s TO CURRENT_USER;\n", ident)
+	fmt.Fprintf(&script, "SELECT pg_advisory_xact_lock(%d);\n", int64(catalogLock))
+	starts := make([]int, len(scopes))
+	for i, sc := range scopes {
+		starts[i] = len([]rune(script.String()))
+		fmt.Fprintf(&script, "%s;\n", strings.ReplaceAll(c.scopes[sc], placeholder, ident))
+	}
+	if err = runScript(ctx, pool, script.String()); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && !transient(pgErr.Code) && pgErr.Code != "42710" { // 42710: the role exists
+			failed := strings.Join(scopes, ", ")
+			if pos := int(pgErr.Position); pos > starts[0] { // 1-based character offset
+				for i := range scopes {
+					if pos > starts[i] {
+						failed = scopes[i]
+					}
+				}
 			}
+			err = fmt.Errorf("scope %q template: %w", failed, err)
 		}
-		return nil
-	})
+	}
 	if err != nil {
 		return nil, upstream(err, c, "create role", password)
 	}
@@ -335,7 +362,75 @@ func (b *Backend) Renew(ctx context.Context, ref backends.LeaseRef, expiresAt ti
 	return expiresAt, nil
 }
 
-var _ backends.Rotator = (*Backend)(nil)
+var (
+	_ backends.Rotator      = (*Backend)(nil)
+	_ backends.BatchRevoker = (*Backend)(nil)
+)
+
+// RevokeBatch implements backends.BatchRevoker: the roles of one credential
+// are dropped in one transaction (one catalog scan for all of them). If that
+// fails, each is revoked on its own so one bad role does not hold up the
+// others.
+func (b *Backend) RevokeBatch(ctx context.Context, refs []backends.LeaseRef) []error {
+	errs := make([]error, len(refs))
+	if len(refs) == 0 {
+		return errs
+	}
+	c, err := parse(refs[0].Spec)
+	if err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	roles := make([]string, 0, len(refs))
+	for i, r := range refs {
+		if !roleRE.MatchString(string(r.Artifact)) {
+			errs[i] = fmt.Errorf("postgres: %q is not a lease role", r.Artifact)
+			continue
+		}
+		roles = append(roles, string(r.Artifact))
+	}
+	pool, err := b.pool(ctx, c)
+	if err == nil {
+		err = dropRoles(ctx, pool, roles)
+	}
+	if err == nil {
+		return errs
+	}
+	for i, r := range refs {
+		if errs[i] == nil {
+			errs[i] = b.Revoke(ctx, r)
+		}
+	}
+	return errs
+}
+
+// dropRoles drops those of roles that exist, in one transaction.
+func dropRoles(ctx context.Context, pool *pgxpool.Pool, roles []string) error {
+	rows, err := pool.Query(ctx, "SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", roles)
+	if err != nil {
+		return err
+	}
+	existing, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(existing) == 0 {
+		return err
+	}
+	idents := make([]string, len(existing))
+	literals := make([]string, len(existing))
+	for i, r := range existing {
+		idents[i], literals[i] = pgx.Identifier{r}.Sanitize(), quoteLiteral(r)
+	}
+	var script strings.Builder
+	fmt.Fprintf(&script, "SELECT pg_advisory_xact_lock(%d);\n", int64(catalogLock))
+	for _, id := range idents {
+		fmt.Fprintf(&script, "ALTER ROLE %s NOLOGIN;\n", id)
+	}
+	list := strings.Join(idents, ", ")
+	fmt.Fprintf(&script, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename IN (%s);\n", strings.Join(literals, ", "))
+	fmt.Fprintf(&script, "REASSIGN OWNED BY %s TO CURRENT_USER;\nDROP OWNED BY %s;\nDROP ROLE %s;", list, list, list)
+	return runScript(ctx, pool, script.String())
+}
 
 // NextSecret implements backends.Rotator: a new random admin password.
 func (b *Backend) NextSecret(spec backends.Spec) (map[string][]byte, error) {
@@ -393,32 +488,26 @@ func (b *Backend) Revoke(ctx context.Context, ref backends.LeaseRef) error {
 		return err
 	}
 	ident := pgx.Identifier{role}.Sanitize()
-	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		var exists bool
-		if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", role).Scan(&exists); err != nil {
-			return err
-		}
-		if !exists {
+	var exists bool
+	if err := pool.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", role).Scan(&exists); err != nil {
+		return upstream(err, c, "drop role")
+	}
+	if !exists {
+		return nil
+	}
+	// One transaction, one round trip (see Issue). The role name is checked
+	// against roleRE above, so it is safe as a literal too.
+	script := fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d);
+ALTER ROLE %[2]s NOLOGIN;
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %[3]s;
+REASSIGN OWNED BY %[2]s TO CURRENT_USER;
+DROP OWNED BY %[2]s;
+DROP ROLE %[2]s;`, int64(catalogLock), ident, quoteLiteral(role))
+	if err := runScript(ctx, pool, script); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42704" { // undefined_object: dropped meanwhile
 			return nil
 		}
-		if _, err := tx.Exec(ctx, "ALTER ROLE "+ident+" NOLOGIN"); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role); err != nil {
-			return err
-		}
-		for _, sql := range []string{
-			"REASSIGN OWNED BY " + ident + " TO CURRENT_USER",
-			"DROP OWNED BY " + ident,
-			"DROP ROLE " + ident,
-		} {
-			if _, err := tx.Exec(ctx, sql); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
 		return upstream(err, c, "drop role")
 	}
 	return nil
