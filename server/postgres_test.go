@@ -44,7 +44,7 @@ func pgEnvB(t testing.TB) (*env, *pgtest.Cluster) {
 	})
 	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/analytics", Backend: "postgres",
 		Config: map[string]string{"host": c.Host, "port": strconv.Itoa(c.Port), "database": "postgres", "sslmode": "disable",
-			"admin_user":  "leasehold_admin",
+			"admin_user": "leasehold_admin",
 			"scope.read": "GRANT app_read TO {{role}}", "scope.write": "GRANT app_write TO {{role}}"},
 		Secret: map[string]string{"admin_password": pgAdminPassword}})
 	require.NoError(t, err)
