@@ -280,3 +280,5 @@ func (b *lockedBuffer) String() string {
 }
 
 var _ io.Writer = (*lockedBuffer)(nil)
+
+func writeSecret(path, v string) error { return os.WriteFile(path, []byte(v+"\n"), 0o600) }
