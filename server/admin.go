@@ -120,22 +120,10 @@ func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCr
 		c.Description, c.Config, c.UpdatedAt = req.GetDescription(), req.GetConfig(), now
 		reason := "metadata updated"
 		if len(req.GetSecret()) > 0 {
-			plain, err := json.Marshal(req.GetSecret())
-			if err != nil {
+			if err := s.addVersion(tx, c, req.GetSecret(), now); err != nil {
 				return err
 			}
-			version := c.CurrentVersion + 1
-			sealed, err := s.keyring.Seal(c.WrappedKey, credentialAAD(name), plain, versionAAD(name, version))
-			clear(plain)
-			if err != nil {
-				return err
-			}
-			if err := tx.PutCredentialVersion(&store.CredentialVersion{Credential: name, Version: version, Sealed: sealed, CreatedAt: now}); err != nil {
-				return err
-			}
-			c.CurrentVersion = version
-			c.SecretKeys = slices.Sorted(maps.Keys(req.GetSecret()))
-			reason = "version " + strconv.FormatUint(version, 10)
+			reason = "version " + strconv.FormatUint(c.CurrentVersion, 10)
 		}
 		if err := tx.PutCredential(c); err != nil {
 			return err
@@ -187,6 +175,27 @@ func (a *adminService) ListCredentials(ctx context.Context, req *leaseholdv1.Lis
 		out.Credentials = append(out.Credentials, credentialToProto(c))
 	}
 	return out, nil
+}
+
+// addVersion seals secret under the credential's data key, bound to the
+// next version number, stores it, and makes it current in c (which the
+// caller then puts).
+func (s *Server) addVersion(tx store.Tx, c *store.Credential, secret map[string]string, now time.Time) error {
+	plain, err := json.Marshal(secret)
+	if err != nil {
+		return err
+	}
+	defer clear(plain)
+	version := c.CurrentVersion + 1
+	sealed, err := s.keyring.Seal(c.WrappedKey, credentialAAD(c.Name), plain, versionAAD(c.Name, version))
+	if err != nil {
+		return err
+	}
+	if err := tx.PutCredentialVersion(&store.CredentialVersion{Credential: c.Name, Version: version, Sealed: sealed, CreatedAt: now}); err != nil {
+		return err
+	}
+	c.CurrentVersion, c.UpdatedAt, c.SecretKeys = version, now, slices.Sorted(maps.Keys(secret))
+	return nil
 }
 
 // page trims a list fetched with limit size+1 and makes the next page token.

@@ -2,10 +2,7 @@ package server
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"maps"
-	"slices"
 
 	"github.com/leasehold/leasehold/backends"
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
@@ -68,30 +65,19 @@ func (a *adminService) RotateCredential(ctx context.Context, req *leaseholdv1.Ro
 		if err != nil {
 			return err
 		}
-		plainMap := make(map[string]string, len(next))
+		plain := make(map[string]string, len(next))
 		for k, v := range next {
-			plainMap[k] = string(v)
+			plain[k] = string(v)
 		}
-		plain, err := json.Marshal(plainMap)
-		if err != nil {
+		if err := s.addVersion(tx, c, plain, now); err != nil {
 			return err
 		}
-		version := c.CurrentVersion + 1
-		sealed, err := s.keyring.Seal(c.WrappedKey, credentialAAD(name), plain, versionAAD(name, version))
-		clear(plain)
-		if err != nil {
-			return err
-		}
-		if err := tx.PutCredentialVersion(&store.CredentialVersion{Credential: name, Version: version, Sealed: sealed, CreatedAt: now}); err != nil {
-			return err
-		}
-		c.CurrentVersion, c.UpdatedAt, c.SecretKeys = version, now, slices.Sorted(maps.Keys(plainMap))
 		if err := tx.PutCredential(c); err != nil {
 			return err
 		}
 		out = c
 		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventCredentialRotate, Credential: name,
-			Reason: fmt.Sprintf("rotated upstream; version %d", version)})
+			Reason: fmt.Sprintf("rotated upstream; version %d", c.CurrentVersion)})
 	})
 	if err != nil {
 		// Put the old secret back upstream, so what is stored still works.

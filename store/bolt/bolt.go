@@ -514,18 +514,21 @@ func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*st
 }
 
 func (t *boltTx) ActiveLeasesExpiringBefore(at time.Time, limit int) ([]*store.Lease, error) {
-	var out []*store.Lease
-	c := t.tx.Bucket(bLeaseExpiry).Cursor()
+	return due(t.tx.Bucket(bLeaseExpiry), at, limit, t.GetLease)
+}
+
+// due walks a time index (keys: big-endian unix nanos ‖ id) from its start
+// up to and including at, loading each id.
+func due[T any](b *bbolt.Bucket, at time.Time, limit int, load func(id string) (*T, error)) ([]*T, error) {
+	var out []*T
+	c := b.Cursor()
 	end := uint64(at.UnixNano())
-	for k, _ := c.First(); k != nil; k, _ = c.Next() {
-		if binary.BigEndian.Uint64(k[:8]) > end {
-			break
-		}
-		l, err := t.GetLease(string(k[8:]))
+	for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k[:8]) <= end; k, _ = c.Next() {
+		v, err := load(string(k[8:]))
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, l)
+		out = append(out, v)
 		if limit > 0 && len(out) >= limit {
 			break
 		}
@@ -592,23 +595,7 @@ func (t *boltTx) DeleteRevocation(leaseID string) error {
 }
 
 func (t *boltTx) DueRevocations(at time.Time, limit int) ([]*store.Revocation, error) {
-	var out []*store.Revocation
-	c := t.tx.Bucket(bRevocationsDue).Cursor()
-	end := uint64(at.UnixNano())
-	for k, _ := c.First(); k != nil; k, _ = c.Next() {
-		if binary.BigEndian.Uint64(k[:8]) > end {
-			break
-		}
-		r, err := t.GetRevocation(string(k[8:]))
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, r)
-		if limit > 0 && len(out) >= limit {
-			break
-		}
-	}
-	return out, nil
+	return due(t.tx.Bucket(bRevocationsDue), at, limit, t.GetRevocation)
 }
 
 func (t *boltTx) PendingRevocations() (int, error) {
