@@ -18,6 +18,13 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/baggage"
+	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -38,6 +45,24 @@ type Config struct {
 	ServerID spiffeid.ID
 	// DialOptions are appended to the client's own.
 	DialOptions []grpc.DialOption
+	// TracerProvider receives the client's spans (one per acquire, renew
+	// and release, and one per RPC); the broker's spans become their
+	// children. Default: the global provider.
+	TracerProvider trace.TracerProvider
+	// Propagator sends the trace context to the broker. Default: W3C trace
+	// context and baggage.
+	Propagator propagation.TextMapPropagator
+}
+
+func (c *Config) telemetry() (trace.TracerProvider, propagation.TextMapPropagator) {
+	tp, prop := c.TracerProvider, c.Propagator
+	if tp == nil {
+		tp = otel.GetTracerProvider()
+	}
+	if prop == nil {
+		prop = propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{})
+	}
+	return tp, prop
 }
 
 // Dial opens an mTLS gRPC connection to the broker. Admin tools use it with
@@ -57,7 +82,11 @@ func Dial(cfg Config) (*grpc.ClientConn, error) {
 		}
 		authorizer = tlsconfig.AuthorizeMemberOf(self.TrustDomain())
 	}
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(identity.ClientCredentials(cfg.Source, authorizer))}, cfg.DialOptions...)
+	tp, prop := cfg.telemetry()
+	opts := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(identity.ClientCredentials(cfg.Source, authorizer)),
+		grpc.WithStatsHandler(otelgrpc.NewClientHandler(otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(prop))),
+	}, cfg.DialOptions...)
 	conn, err := grpc.NewClient(cfg.Address, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("client: dial %s: %w", cfg.Address, err)
@@ -69,6 +98,7 @@ func Dial(cfg Config) (*grpc.ClientConn, error) {
 type Client struct {
 	conn   *grpc.ClientConn
 	broker leaseholdv1.BrokerServiceClient
+	tracer trace.Tracer
 }
 
 // New connects to the broker. The connection is made lazily; the first call
@@ -78,7 +108,9 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Client{conn: conn, broker: leaseholdv1.NewBrokerServiceClient(conn)}, nil
+	tp, _ := cfg.telemetry()
+	return &Client{conn: conn, broker: leaseholdv1.NewBrokerServiceClient(conn),
+		tracer: tp.Tracer("github.com/leasehold/leasehold/client")}, nil
 }
 
 // Close closes the connection.
@@ -117,8 +149,29 @@ func (l *Lease) Get(field string) (string, bool) {
 	return v, ok
 }
 
-// Acquire leases a credential for a task.
-func (c *Client) Acquire(ctx context.Context, credential string, opts AcquireOptions) (*Lease, error) {
+// span starts a client span; end records the outcome (never a secret: only
+// the status code and message the broker sent).
+func (c *Client) span(ctx context.Context, name string, attrs ...attribute.KeyValue) (context.Context, func(error)) {
+	ctx, span := c.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(attrs...))
+	return ctx, func(err error) {
+		if err != nil {
+			span.SetStatus(otelcodes.Error, status.Code(err).String())
+		}
+		span.End()
+	}
+}
+
+// Acquire leases a credential for a task. The task id also travels as
+// baggage (leasehold.task.id) with the trace context.
+func (c *Client) Acquire(ctx context.Context, credential string, opts AcquireOptions) (_ *Lease, err error) {
+	if m, merr := baggage.NewMember("leasehold.task.id", opts.TaskID); merr == nil {
+		if b, berr := baggage.FromContext(ctx).SetMember(m); berr == nil {
+			ctx = baggage.ContextWithBaggage(ctx, b)
+		}
+	}
+	ctx, end := c.span(ctx, "leasehold.client.Acquire", attribute.String("leasehold.credential", credential),
+		attribute.String("leasehold.task.id", opts.TaskID), attribute.StringSlice("leasehold.scopes", opts.Scopes))
+	defer func() { end(err) }()
 	req := &leaseholdv1.AcquireLeaseRequest{
 		Credential: credential, Scopes: opts.Scopes,
 		Task: &leaseholdv1.Task{Id: opts.TaskID, Purpose: opts.Purpose},
@@ -137,7 +190,9 @@ func (c *Client) Acquire(ctx context.Context, credential string, opts AcquireOpt
 
 // Renew extends a lease by ttl from now (zero: its original length) and
 // returns the new expiry.
-func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (time.Time, error) {
+func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (_ time.Time, err error) {
+	ctx, end := c.span(ctx, "leasehold.client.Renew", attribute.String("leasehold.lease.id", leaseID))
+	defer func() { end(err) }()
 	req := &leaseholdv1.RenewLeaseRequest{LeaseId: leaseID}
 	if ttl != 0 {
 		req.Ttl = durationpb.New(ttl)
@@ -150,8 +205,10 @@ func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (
 }
 
 // Release ends a lease. Releasing an ended lease succeeds.
-func (c *Client) Release(ctx context.Context, leaseID string) error {
-	_, err := c.broker.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: leaseID})
+func (c *Client) Release(ctx context.Context, leaseID string) (err error) {
+	ctx, end := c.span(ctx, "leasehold.client.Release", attribute.String("leasehold.lease.id", leaseID))
+	defer func() { end(err) }()
+	_, err = c.broker.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: leaseID})
 	return wrap(err)
 }
 

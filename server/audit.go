@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/leasehold/leasehold/store"
 )
 
@@ -19,6 +21,9 @@ func stamp(ctx context.Context, r *store.AuditRecord) *store.AuditRecord {
 	}
 	if r.RequestID == "" {
 		r.RequestID = requestIDFrom(ctx)
+	}
+	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() && r.TraceID == "" {
+		r.TraceID, r.SpanID = sc.TraceID().String(), sc.SpanID().String()
 	}
 	return r
 }

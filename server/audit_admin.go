@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
@@ -15,8 +16,13 @@ import (
 )
 
 // auditFilter validates the filters QueryAudit and WatchAudit share.
-func (s *Server) auditFilter(agent, credential, task, lease string, decision leaseholdv1.Decision) (store.AuditQuery, error) {
-	q := store.AuditQuery{Credential: credential, TaskID: task, LeaseID: lease}
+func (s *Server) auditFilter(agent, credential, task, lease, traceID string, decision leaseholdv1.Decision) (store.AuditQuery, error) {
+	q := store.AuditQuery{Credential: credential, TaskID: task, LeaseID: lease, TraceID: traceID}
+	if traceID != "" {
+		if id, err := trace.TraceIDFromHex(traceID); err != nil || !id.IsValid() {
+			return q, errInvalid("trace_id", "%q is not a trace id (32 lowercase hex digits, not all zero)", truncate(traceID, 40))
+		}
+	}
 	if agent != "" {
 		id, err := validSpiffeID("agent_id", agent, s.cfg.TrustDomain)
 		if err != nil {
@@ -50,7 +56,7 @@ func (s *Server) auditFilter(agent, credential, task, lease string, decision lea
 }
 
 func (a *adminService) QueryAudit(ctx context.Context, req *leaseholdv1.QueryAuditRequest) (*leaseholdv1.QueryAuditResponse, error) {
-	q, err := a.s.auditFilter(req.GetAgentId(), req.GetCredential(), req.GetTaskId(), req.GetLeaseId(), req.GetDecision())
+	q, err := a.s.auditFilter(req.GetAgentId(), req.GetCredential(), req.GetTaskId(), req.GetLeaseId(), req.GetTraceId(), req.GetDecision())
 	if err != nil {
 		return nil, err
 	}
@@ -118,7 +124,7 @@ func (a *adminService) QueryAudit(ctx context.Context, req *leaseholdv1.QueryAud
 func (a *adminService) WatchAudit(req *leaseholdv1.WatchAuditRequest, stream leaseholdv1.AdminService_WatchAuditServer) error {
 	s := a.s
 	ctx := stream.Context()
-	q, err := s.auditFilter(req.GetAgentId(), req.GetCredential(), req.GetTaskId(), req.GetLeaseId(), req.GetDecision())
+	q, err := s.auditFilter(req.GetAgentId(), req.GetCredential(), req.GetTaskId(), req.GetLeaseId(), req.GetTraceId(), req.GetDecision())
 	if err != nil {
 		return err
 	}

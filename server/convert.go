@@ -114,5 +114,6 @@ func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {
 		TaskId: r.TaskID, TaskPurpose: r.TaskPurpose, LeaseId: r.LeaseID, GrantId: r.GrantID,
 		Reason: r.Reason, RequestId: r.RequestID, Code: r.Code,
 		Hash: hex.EncodeToString(r.Hash), PrevHash: hex.EncodeToString(r.PrevHash),
+		TraceId: r.TraceID, SpanId: r.SpanID,
 	}
 }

@@ -15,7 +15,10 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc/filters"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -140,6 +143,9 @@ type Deps struct {
 	// TracerProvider receives the broker's spans. Default: the global
 	// provider (a no-op unless the program installs one).
 	TracerProvider trace.TracerProvider
+	// Propagator reads the caller's trace context from request metadata.
+	// Default: W3C trace context and baggage.
+	Propagator propagation.TextMapPropagator
 	// AuditSinks receive a copy of the audit trail (see AuditSink).
 	AuditSinks []AuditSink
 }
@@ -185,6 +191,10 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.TracerProvider == nil {
 		deps.TracerProvider = otel.GetTracerProvider()
 	}
+	if deps.Propagator == nil {
+		deps.Propagator = propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{})
+	}
+	deps.Logger = slog.New(traceLogHandler{deps.Logger.Handler()})
 	committed := newNotifier()
 	guard := &guardedStore{Store: deps.Store, n: committed, deadline: cfg.AuditDeadline}
 	s := &Server{
@@ -196,6 +206,11 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	}
 	s.grpc = grpc.NewServer(
 		grpc.Creds(deps.Credentials),
+		// A span per RPC, child of the caller's span; health checks and
+		// reflection are not traced.
+		grpc.StatsHandler(otelgrpc.NewServerHandler(
+			otelgrpc.WithTracerProvider(deps.TracerProvider), otelgrpc.WithPropagators(deps.Propagator),
+			otelgrpc.WithFilter(filters.None(filters.ServiceName("grpc.health.v1.Health"), filters.ServicePrefix("grpc.reflection."))))),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
 		grpc.MaxRecvMsgSize(4<<20),

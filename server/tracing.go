@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"log/slog"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -49,4 +50,23 @@ func endSpan(span trace.Span, err error) {
 		span.SetAttributes(attrDecision.String("allow"))
 	}
 	span.End()
+}
+
+// traceLogHandler adds the current trace and span ids to every log record
+// written with a context, so a log line leads to its trace.
+type traceLogHandler struct{ slog.Handler }
+
+func (h traceLogHandler) Handle(ctx context.Context, r slog.Record) error {
+	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
+		r.AddAttrs(slog.String("trace_id", sc.TraceID().String()), slog.String("span_id", sc.SpanID().String()))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h traceLogHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return traceLogHandler{h.Handler.WithAttrs(as)}
+}
+
+func (h traceLogHandler) WithGroup(name string) slog.Handler {
+	return traceLogHandler{h.Handler.WithGroup(name)}
 }

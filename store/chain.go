@@ -41,7 +41,7 @@ func AuditHash(r *AuditRecord) []byte {
 	for _, sc := range r.Scopes {
 		s(sc)
 	}
-	for _, f := range []string{r.TaskID, r.TaskPurpose, r.LeaseID, r.GrantID, r.Reason, r.RequestID, r.Code} {
+	for _, f := range []string{r.TaskID, r.TaskPurpose, r.LeaseID, r.GrantID, r.Reason, r.RequestID, r.Code, r.TraceID, r.SpanID} {
 		s(f)
 	}
 	b(r.PrevHash)

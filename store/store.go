@@ -320,6 +320,9 @@ type AuditRecord struct {
 	Reason      string     `json:"reason,omitempty"`
 	RequestID   string     `json:"request_id,omitempty"`
 	Code        string     `json:"code,omitempty"`
+	// TraceID and SpanID (hex) tie the record to the request's trace.
+	TraceID string `json:"trace_id,omitempty"`
+	SpanID  string `json:"span_id,omitempty"`
 	// PrevHash and Hash chain the record to its predecessor; see ChainAudit.
 	PrevHash []byte `json:"prev_hash,omitempty"`
 	Hash     []byte `json:"hash"`
@@ -333,6 +336,7 @@ type AuditQuery struct {
 	Credential     string
 	TaskID         string
 	LeaseID        string
+	TraceID        string
 	Decision       Decision
 	Start          time.Time // inclusive; zero = unbounded
 	End            time.Time // exclusive; zero = unbounded
@@ -349,6 +353,7 @@ func (q AuditQuery) Matches(r *AuditRecord) bool {
 		(q.Credential == "" || r.Credential == q.Credential) &&
 		(q.TaskID == "" || r.TaskID == q.TaskID) &&
 		(q.LeaseID == "" || r.LeaseID == q.LeaseID) &&
+		(q.TraceID == "" || r.TraceID == q.TraceID) &&
 		(q.Decision == "" || r.Decision == q.Decision) &&
 		(q.Start.IsZero() || !r.Time.Before(q.Start)) &&
 		(q.End.IsZero() || r.Time.Before(q.End))

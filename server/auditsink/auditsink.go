@@ -39,6 +39,8 @@ type Record struct {
 	Reason      string   `json:"reason,omitempty"`
 	RequestID   string   `json:"request_id,omitempty"`
 	Code        string   `json:"code,omitempty"`
+	TraceID     string   `json:"trace_id,omitempty"`
+	SpanID      string   `json:"span_id,omitempty"`
 	Hash        string   `json:"hash"`
 	PrevHash    string   `json:"prev_hash,omitempty"`
 }
@@ -49,7 +51,7 @@ func FromStore(r *store.AuditRecord) Record {
 		Sequence: r.Sequence, Time: r.Time.UTC().Format(time.RFC3339Nano), Event: string(r.Event),
 		Decision: string(r.Decision), Actor: r.Actor, AgentID: r.AgentID, Credential: r.Credential,
 		Scopes: r.Scopes, TaskID: r.TaskID, TaskPurpose: r.TaskPurpose, LeaseID: r.LeaseID,
-		GrantID: r.GrantID, Reason: r.Reason, RequestID: r.RequestID, Code: r.Code,
+		GrantID: r.GrantID, Reason: r.Reason, RequestID: r.RequestID, Code: r.Code, TraceID: r.TraceID, SpanID: r.SpanID,
 		Hash: hex.EncodeToString(r.Hash), PrevHash: hex.EncodeToString(r.PrevHash),
 	}
 }

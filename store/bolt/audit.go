@@ -100,6 +100,7 @@ type auditIndex struct {
 
 // auditIndexes in order of preference for a query: the most selective first.
 var auditIndexes = []auditIndex{
+	{bAuditByTrace, func(r *store.AuditRecord) string { return r.TraceID }, func(q store.AuditQuery) string { return q.TraceID }},
 	{bAuditByLease, func(r *store.AuditRecord) string { return r.LeaseID }, func(q store.AuditQuery) string { return q.LeaseID }},
 	{bAuditByTask, func(r *store.AuditRecord) string { return r.TaskID }, func(q store.AuditQuery) string { return q.TaskID }},
 	{bAuditByAgent, func(r *store.AuditRecord) string { return r.AgentID }, func(q store.AuditQuery) string { return q.AgentID }},

@@ -43,6 +43,7 @@ var (
 	bAuditByCred     = []byte("idx_audit_credential")
 	bAuditByTask     = []byte("idx_audit_task")
 	bAuditByLease    = []byte("idx_audit_lease")
+	bAuditByTrace    = []byte("idx_audit_trace")
 	bAuditByDecision = []byte("idx_audit_decision")
 	bAuditByTime     = []byte("idx_audit_time")
 	bCursors         = []byte("cursors")
@@ -51,7 +52,7 @@ var (
 
 	allBuckets = [][]byte{bMeta, bCredentials, bCredVersions, bGrants, bGrantsByCred, bAgents,
 		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
-		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByDecision, bAuditByTime, bCursors, bRevocations, bRevocationsDue}
+		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByTrace, bAuditByDecision, bAuditByTime, bCursors, bRevocations, bRevocationsDue}
 
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")

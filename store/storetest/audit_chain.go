@@ -69,6 +69,7 @@ func testAuditQueryProperty(t *testing.T, s store.Store) {
 	creds := []string{"", "c1", "c2", "c3"}
 	tasks := []string{"", "t1", "t2"}
 	leases := []string{"", "ls_1", "ls_2", "ls_3", "ls_4"}
+	traces := []string{"", "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7a3ce929d0e0e4736"}
 	base := time.Now().Add(-time.Hour).UTC().Truncate(time.Millisecond)
 	var all []*store.AuditRecord
 	update(t, s, func(tx store.Tx) error {
@@ -77,6 +78,7 @@ func testAuditQueryProperty(t *testing.T, s store.Store) {
 				Time:    base.Add(time.Duration(i) * time.Second),
 				Event:   store.EventLeaseAcquire,
 				AgentID: pick(agents...), Credential: pick(creds...), TaskID: pick(tasks...), LeaseID: pick(leases...),
+				TraceID:  pick(traces...),
 				Decision: store.Decision(pick(string(store.Allow), string(store.Deny))),
 			}
 			if _, err := tx.AppendAudit(r); err != nil {
@@ -89,7 +91,7 @@ func testAuditQueryProperty(t *testing.T, s store.Store) {
 	for i := range 300 {
 		q := store.AuditQuery{
 			AgentID: pick(agents...), Credential: pick(creds...), TaskID: pick(tasks...), LeaseID: pick(leases...),
-			Ascending: rng.IntN(2) == 0, Limit: rng.IntN(30),
+			TraceID: pick(traces...), Ascending: rng.IntN(2) == 0, Limit: rng.IntN(30),
 		}
 		if rng.IntN(3) == 0 {
 			q.Decision = store.Decision(pick(string(store.Allow), string(store.Deny)))

@@ -1373,7 +1373,9 @@ type QueryAuditRequest struct {
 	PageToken string `protobuf:"bytes,8,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	LeaseId   string `protobuf:"bytes,9,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
 	// Oldest first instead of newest first.
-	OldestFirst   bool `protobuf:"varint,10,opt,name=oldest_first,json=oldestFirst,proto3" json:"oldest_first,omitempty"`
+	OldestFirst bool `protobuf:"varint,10,opt,name=oldest_first,json=oldestFirst,proto3" json:"oldest_first,omitempty"`
+	// Records of one trace (32 hex digits).
+	TraceId       string `protobuf:"bytes,11,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1478,6 +1480,13 @@ func (x *QueryAuditRequest) GetOldestFirst() bool {
 	return false
 }
 
+func (x *QueryAuditRequest) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
+}
+
 type QueryAuditResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Records       []*AuditRecord         `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
@@ -1541,7 +1550,8 @@ type WatchAuditRequest struct {
 	// Stream records with a greater sequence; 0 streams from the beginning.
 	AfterSequence uint64 `protobuf:"varint,6,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
 	// Start at the current head instead of after_sequence: only new records.
-	FromNow       bool `protobuf:"varint,7,opt,name=from_now,json=fromNow,proto3" json:"from_now,omitempty"`
+	FromNow       bool   `protobuf:"varint,7,opt,name=from_now,json=fromNow,proto3" json:"from_now,omitempty"`
+	TraceId       string `protobuf:"bytes,8,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1623,6 +1633,13 @@ func (x *WatchAuditRequest) GetFromNow() bool {
 		return x.FromNow
 	}
 	return false
+}
+
+func (x *WatchAuditRequest) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
 }
 
 type WatchAuditResponse struct {
@@ -2149,7 +2166,7 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
 	"\x13RevokeLeaseResponse\x12)\n" +
-	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"\x87\x03\n" +
+	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"\xa2\x03\n" +
 	"\x11QueryAuditRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
@@ -2165,10 +2182,11 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"page_token\x18\b \x01(\tR\tpageToken\x12\x19\n" +
 	"\blease_id\x18\t \x01(\tR\aleaseId\x12!\n" +
 	"\foldest_first\x18\n" +
-	" \x01(\bR\voldestFirst\"q\n" +
+	" \x01(\bR\voldestFirst\x12\x19\n" +
+	"\btrace_id\x18\v \x01(\tR\atraceId\"q\n" +
 	"\x12QueryAuditResponse\x123\n" +
 	"\arecords\x18\x01 \x03(\v2\x19.leasehold.v1.AuditRecordR\arecords\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xf8\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x93\x02\n" +
 	"\x11WatchAuditRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
@@ -2178,7 +2196,8 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\blease_id\x18\x04 \x01(\tR\aleaseId\x122\n" +
 	"\bdecision\x18\x05 \x01(\x0e2\x16.leasehold.v1.DecisionR\bdecision\x12%\n" +
 	"\x0eafter_sequence\x18\x06 \x01(\x04R\rafterSequence\x12\x19\n" +
-	"\bfrom_now\x18\a \x01(\bR\afromNow\"G\n" +
+	"\bfrom_now\x18\a \x01(\bR\afromNow\x12\x19\n" +
+	"\btrace_id\x18\b \x01(\tR\atraceId\"G\n" +
 	"\x12WatchAuditResponse\x121\n" +
 	"\x06record\x18\x01 \x01(\v2\x19.leasehold.v1.AuditRecordR\x06record\"\x1b\n" +
 	"\x19GetAuditCheckpointRequest\"[\n" +

@@ -958,7 +958,11 @@ type AuditRecord struct {
 	// prev_hash: the records form a hash chain that VerifyAudit checks.
 	Hash string `protobuf:"bytes,16,opt,name=hash,proto3" json:"hash,omitempty"`
 	// Hex hash of the previous record; empty for the first.
-	PrevHash      string `protobuf:"bytes,17,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
+	PrevHash string `protobuf:"bytes,17,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
+	// W3C trace and span id of the request that caused the record: open the
+	// trace in your tracing backend to see the whole task.
+	TraceId       string `protobuf:"bytes,18,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	SpanId        string `protobuf:"bytes,19,opt,name=span_id,json=spanId,proto3" json:"span_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1112,6 +1116,20 @@ func (x *AuditRecord) GetPrevHash() string {
 	return ""
 }
 
+func (x *AuditRecord) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
+}
+
+func (x *AuditRecord) GetSpanId() string {
+	if x != nil {
+		return x.SpanId
+	}
+	return ""
+}
+
 // AuditCheckpoint pins the audit chain at one record. Keep checkpoints
 // outside the broker; VerifyAudit with them proves the log up to each was
 // not rewritten since.
@@ -1261,7 +1279,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"revoked_by\x18\x05 \x01(\tR\trevokedBy\x129\n" +
 	"\n" +
 	"first_seen\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tfirstSeen\x127\n" +
-	"\tlast_seen\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\"\x94\x04\n" +
+	"\tlast_seen\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\"\xc8\x04\n" +
 	"\vAuditRecord\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12.\n" +
@@ -1283,7 +1301,9 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"request_id\x18\x0e \x01(\tR\trequestId\x12\x12\n" +
 	"\x04code\x18\x0f \x01(\tR\x04code\x12\x12\n" +
 	"\x04hash\x18\x10 \x01(\tR\x04hash\x12\x1b\n" +
-	"\tprev_hash\x18\x11 \x01(\tR\bprevHash\"q\n" +
+	"\tprev_hash\x18\x11 \x01(\tR\bprevHash\x12\x19\n" +
+	"\btrace_id\x18\x12 \x01(\tR\atraceId\x12\x17\n" +
+	"\aspan_id\x18\x13 \x01(\tR\x06spanId\"q\n" +
 	"\x0fAuditCheckpoint\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x12\n" +
 	"\x04hash\x18\x02 \x01(\tR\x04hash\x12.\n" +
