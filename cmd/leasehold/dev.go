@@ -31,6 +31,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	dir := fs.String("dir", ".leasehold-dev", "directory for the dev CA, SVIDs, KEK and store")
 	listen := fs.String("listen", "127.0.0.1:8443", "host:port to serve on")
 	tdName := fs.String("trust-domain", "leasehold.dev", "trust domain of the dev CA")
+	traceConsole := fs.Bool("trace-console", false, "print spans to standard error (unless OTEL_TRACES_EXPORTER says otherwise)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -40,7 +41,11 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return runBroker(ctx, cfg, stderr, func(addr string) { printDevHelp(stdout, *dir, addr) })
+	traceDefault := "none"
+	if *traceConsole {
+		traceDefault = "console"
+	}
+	return runBroker(ctx, cfg, stderr, func(addr string) { printDevHelp(stdout, *dir, addr) }, traceDefault)
 }
 
 // prepareDev writes the dev CA, SVIDs (valid 24h, reissued on every start),

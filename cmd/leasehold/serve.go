@@ -39,7 +39,7 @@ func cmdServe(args []string, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return runBroker(ctx, cfg, stderr, nil)
+	return runBroker(ctx, cfg, stderr, nil, "none")
 }
 
 func newLogger(c LogConfig, w io.Writer) *slog.Logger {
@@ -54,7 +54,8 @@ func newLogger(c LogConfig, w io.Writer) *slog.Logger {
 
 // runBroker serves until ctx ends. ready, when set, is called with the
 // listener's address once the broker accepts connections.
-func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(addr string)) error {
+// traceDefault is the trace exporter when OTEL_TRACES_EXPORTER is unset.
+func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(addr string), traceDefault string) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("config: %w", err)
 	}
@@ -83,6 +84,15 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 	if self.TrustDomain() != td {
 		return fmt.Errorf("the broker's own SVID %s is not in trust_domain %q", self, td.Name())
 	}
+	tp, shutdownTracing, err := setupTracing(ctx, traceDefault, logOut)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = shutdownTracing(sctx)
+	}()
 	st, err := openStore(cfg.Store)
 	if err != nil {
 		return err
@@ -99,7 +109,7 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 	}, server.Deps{
 		Store: st, Backends: reg, Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,
-		AuditSinks: newSinks(cfg.Audit.Sinks),
+		AuditSinks: newSinks(cfg.Audit.Sinks), TracerProvider: tp,
 	})
 	if err != nil {
 		return err
