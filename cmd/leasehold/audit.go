@@ -39,6 +39,7 @@ func cmdAudit(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	credential := fs.String("credential", "", "credential name")
 	task := fs.String("task", "", "task id")
 	lease := fs.String("lease", "", "lease id")
+	traceID := fs.String("trace", "", "trace id (32 hex digits)")
 	decision := fs.String("decision", "", "allow or deny")
 	since := fs.Duration("since", 0, "only records newer than this (e.g. 24h)")
 	until := fs.Duration("until", 0, "only records older than this")
@@ -87,7 +88,7 @@ func cmdAudit(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 
 	switch verb + " " + sub {
 	case "audit query":
-		q := &leaseholdv1.QueryAuditRequest{AgentId: *agent, Credential: *credential, TaskId: *task, LeaseId: *lease,
+		q := &leaseholdv1.QueryAuditRequest{AgentId: *agent, Credential: *credential, TaskId: *task, LeaseId: *lease, TraceId: *traceID,
 			Decision: dec, PageSize: int32(*limit), PageToken: *pageToken, OldestFirst: *oldest}
 		if *since > 0 {
 			q.StartTime = timestamppb.New(time.Now().Add(-*since))
@@ -106,7 +107,7 @@ func cmdAudit(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		return nil
 	case "audit watch":
 		stream, err := admin.WatchAudit(ctx, &leaseholdv1.WatchAuditRequest{AgentId: *agent, Credential: *credential,
-			TaskId: *task, LeaseId: *lease, Decision: dec, AfterSequence: *after, FromNow: *fromNow})
+			TaskId: *task, LeaseId: *lease, TraceId: *traceID, Decision: dec, AfterSequence: *after, FromNow: *fromNow})
 		if err != nil {
 			return rpcErr(err)
 		}

@@ -36,7 +36,7 @@ Admin:
   grant list [--credential C] | grant delete GRANT_ID
   agent revoke SPIFFE_ID --reason R | agent reinstate SPIFFE_ID | agent list [--revoked]
   lease list [--agent ID] [--task T] [--active] | lease revoke LEASE_ID [--reason R]
-  audit query [--agent ID] [--credential C] [--task T] [--lease L] [--decision allow|deny]
+  audit query [--agent ID] [--credential C] [--task T] [--lease L] [--trace ID] [--decision allow|deny]
               [--since D] [--until D] [--oldest-first] [--limit N] [--format table|json]
   audit watch [same filters] [--after SEQ | --from-now] [--format table|json]
   audit checkpoint                 print the chain head; keep it outside the broker
