@@ -16,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/stretchr/testify/require"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
@@ -109,6 +110,7 @@ type env struct {
 	served chan error
 
 	spans          *tracetest.SpanRecorder
+	metrics        *sdkmetric.ManualReader
 	pg             *postgres.Backend
 	sinks          []server.AuditSink
 	admin          leaseholdv1.AdminServiceClient
@@ -166,6 +168,7 @@ func (e *env) start() {
 		e.store = &faultStore{}
 	}
 	e.store.Store = b
+	e.metrics = sdkmetric.NewManualReader() // a reader belongs to one provider
 	reg := backends.NewRegistry()
 	reg.Register(static.Name, static.Backend{})
 	reg.Register("recording", recorder)
@@ -177,6 +180,7 @@ func (e *env) start() {
 		Logger:         slog.New(slog.NewJSONHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Now:            e.clock.Now,
 		TracerProvider: sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(e.spans)),
+		MeterProvider:  sdkmetric.NewMeterProvider(sdkmetric.WithReader(e.metrics)),
 		AuditSinks:     e.sinks,
 	})
 	require.NoError(t, err)

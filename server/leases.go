@@ -169,7 +169,8 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	agent := caller.String()
 	ctx, span := s.startSpan(ctx, "lease.acquire", attrAgent.String(agent), attrCredential.String(req.GetCredential()),
 		attrScopes.StringSlice(req.GetScopes()), attrTask.String(req.GetTask().GetId()))
-	defer func() { endSpan(span, err) }()
+	start := time.Now()
+	defer func() { s.endOp(ctx, span, "lease.acquire", start, err) }()
 	rec := &store.AuditRecord{
 		Event: store.EventLeaseAcquire, AgentID: agent, Credential: req.GetCredential(),
 		Scopes: req.GetScopes(), TaskID: req.GetTask().GetId(), TaskPurpose: req.GetTask().GetPurpose(),
@@ -305,7 +306,8 @@ func ownedLease(tx store.ReadTx, id string, caller spiffeid.ID) (*store.Lease, e
 func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl time.Duration) (_ *store.Lease, err error) {
 	now := s.now()
 	ctx, span := s.startSpan(ctx, "lease.renew", attrAgent.String(caller.String()), attrLease.String(id))
-	defer func() { endSpan(span, err) }()
+	start := time.Now()
+	defer func() { s.endOp(ctx, span, "lease.renew", start, err) }()
 	rec := &store.AuditRecord{Event: store.EventLeaseRenew, AgentID: caller.String(), LeaseID: id}
 	var lease *store.Lease
 	var grant *store.Grant
@@ -399,7 +401,8 @@ func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl t
 func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ *store.Lease, err error) {
 	now := s.now()
 	ctx, span := s.startSpan(ctx, "lease.release", attrAgent.String(caller.String()), attrLease.String(id))
-	defer func() { endSpan(span, err) }()
+	start := time.Now()
+	defer func() { s.endOp(ctx, span, "lease.release", start, err) }()
 	rec := &store.AuditRecord{Event: store.EventLeaseRelease, AgentID: caller.String(), LeaseID: id}
 	var out *store.Lease
 	var ended []*store.Lease

@@ -18,6 +18,7 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc/filters"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
@@ -143,6 +144,9 @@ type Deps struct {
 	// TracerProvider receives the broker's spans. Default: the global
 	// provider (a no-op unless the program installs one).
 	TracerProvider trace.TracerProvider
+	// MeterProvider receives the broker's metrics. Default: the global
+	// provider (a no-op unless the program installs one).
+	MeterProvider metric.MeterProvider
 	// Propagator reads the caller's trace context from request metadata.
 	// Default: W3C trace context and baggage.
 	Propagator propagation.TextMapPropagator
@@ -159,6 +163,7 @@ type Server struct {
 	log      *slog.Logger
 	now      func() time.Time
 	tracer   trace.Tracer
+	metrics  *metrics
 	sinks    []AuditSink
 	grpc     *grpc.Server
 	health   *health.Server
@@ -171,6 +176,10 @@ type Server struct {
 	stopOnce sync.Once
 	stop     chan struct{}
 	bg       sync.WaitGroup
+	// life orders starting the background workers against Stop: workers
+	// never start after a Stop, and Stop never waits while they are added.
+	life    sync.Mutex
+	stopped bool
 }
 
 // New builds a broker. It serves nothing until Serve.
@@ -191,6 +200,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.TracerProvider == nil {
 		deps.TracerProvider = otel.GetTracerProvider()
 	}
+	if deps.MeterProvider == nil {
+		deps.MeterProvider = otel.GetMeterProvider()
+	}
 	if deps.Propagator == nil {
 		deps.Propagator = propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{})
 	}
@@ -204,6 +216,11 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		tracer: deps.TracerProvider.Tracer(instrumentationName),
 		sinks:  deps.AuditSinks,
 	}
+	var err error
+	if s.metrics, err = newMetrics(deps.MeterProvider, deps.Store); err != nil {
+		return nil, fmt.Errorf("server metrics: %w", err)
+	}
+	guard.writeDur = s.metrics.writeDur
 	s.grpc = grpc.NewServer(
 		grpc.Creds(deps.Credentials),
 		// A span per RPC, child of the caller's span; health checks and
@@ -249,6 +266,11 @@ func (s *Server) Serve(lis net.Listener) error {
 }
 
 func (s *Server) startBackground() {
+	s.life.Lock()
+	defer s.life.Unlock()
+	if s.stopped {
+		return
+	}
 	s.bg.Add(3 + len(s.sinks))
 	go func() { defer s.bg.Done(); s.runReaper() }()
 	go func() { defer s.bg.Done(); s.runRevocations() }()
@@ -268,6 +290,9 @@ func (s *Server) startBackground() {
 // sinks.
 func (s *Server) Stop(ctx context.Context) {
 	s.stopOnce.Do(func() {
+		s.life.Lock()
+		s.stopped = true
+		s.life.Unlock()
 		s.health.Shutdown()
 		close(s.stop)
 		done := make(chan struct{})
@@ -363,6 +388,7 @@ type guardedStore struct {
 	stalled  atomic.Bool
 	pending  atomic.Int64 // writes past their deadline, not finished
 	onStall  func(stalled bool)
+	writeDur metric.Float64Histogram
 }
 
 var errAuditDeadline = newAPIError(codes.Unavailable,
@@ -371,9 +397,13 @@ var errAuditDeadline = newAPIError(codes.Unavailable,
 func (g *guardedStore) Update(ctx context.Context, fn func(store.Tx) error) error {
 	done := make(chan error, 1)
 	go func() {
+		start := time.Now()
 		err := g.Store.Update(context.WithoutCancel(ctx), fn)
 		if err == nil {
 			g.n.notify()
+			if g.writeDur != nil {
+				g.writeDur.Record(ctx, time.Since(start).Seconds())
+			}
 		}
 		done <- err
 	}()

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"log/slog"
+	"time"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -27,6 +28,19 @@ const (
 // startSpan opens a span for one lease-manager operation.
 func (s *Server) startSpan(ctx context.Context, name string, attrs ...attribute.KeyValue) (context.Context, trace.Span) {
 	return s.tracer.Start(ctx, name, trace.WithAttributes(attrs...))
+}
+
+// endOp ends a lease operation's span and counts its outcome.
+func (s *Server) endOp(ctx context.Context, span trace.Span, op string, start time.Time, err error) {
+	endSpan(span, err)
+	decision := "allow"
+	switch {
+	case isDenied(err):
+		decision = "deny"
+	case err != nil:
+		decision = "error"
+	}
+	s.metrics.decision(ctx, op, decision, codeOf(err).String(), time.Since(start))
 }
 
 // endSpan records the outcome. Only the code and our own message (which

@@ -67,6 +67,9 @@ type ReadTx interface {
 	// ListLeases lists leases ordered by id, answered from an index when the
 	// filter names an agent, task, grant or credential.
 	ListLeases(f LeaseFilter, after string, limit int) ([]*Lease, error)
+	// ActiveLeaseCount is the number of leases in state Active, kept by the
+	// engine as leases change (no scan).
+	ActiveLeaseCount() (int64, error)
 	// ActiveLeasesExpiringBefore lists active leases whose ExpiresAt is at or
 	// before t, soonest first, from the expiry index.
 	ActiveLeasesExpiringBefore(t time.Time, limit int) ([]*Lease, error)

@@ -26,10 +26,18 @@ type Config struct {
 	Store    StoreConfig    `yaml:"store"`
 	// KEKFile holds the key-encryption key (base64, mode 0600). Keep it out
 	// of the store's directory backups.
-	KEKFile string      `yaml:"kek_file"`
-	Leases  LeaseConfig `yaml:"leases"`
-	Audit   AuditConfig `yaml:"audit"`
-	Log     LogConfig   `yaml:"log"`
+	KEKFile string        `yaml:"kek_file"`
+	Leases  LeaseConfig   `yaml:"leases"`
+	Audit   AuditConfig   `yaml:"audit"`
+	Metrics MetricsConfig `yaml:"metrics"`
+	Log     LogConfig     `yaml:"log"`
+}
+
+// MetricsConfig turns on the Prometheus endpoint.
+type MetricsConfig struct {
+	// Listen, e.g. "127.0.0.1:9464", serves /metrics; empty is off. Keep it
+	// on loopback or a private network: it is plain HTTP.
+	Listen string `yaml:"listen"`
 }
 
 // AuditConfig shapes the audit trail.
@@ -213,6 +221,7 @@ var settings = []setting{
 	{"reaper-interval", "LEASEHOLD_REAPER_INTERVAL", "how often expired leases are ended", dur(func(c *Config) *time.Duration { return &c.Leases.ReaperInterval })},
 	{"audit-deadline", "LEASEHOLD_AUDIT_DEADLINE", "longest wait for a durable audit write", dur(func(c *Config) *time.Duration { return &c.Audit.Deadline })},
 	{"audit-max-age", "LEASEHOLD_AUDIT_MAX_AGE", "remove audit records older than this", dur(func(c *Config) *time.Duration { return &c.Audit.Retention.MaxAge })},
+	{"metrics-listen", "LEASEHOLD_METRICS_LISTEN", "host:port for Prometheus /metrics (off when empty)", str(func(c *Config) *string { return &c.Metrics.Listen })},
 	{"log-level", "LEASEHOLD_LOG_LEVEL", "debug, info, warn or error", str(func(c *Config) *string { return &c.Log.Level })},
 	{"log-format", "LEASEHOLD_LOG_FORMAT", "json or text", str(func(c *Config) *string { return &c.Log.Format })},
 }

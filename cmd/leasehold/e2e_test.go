@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -193,6 +194,8 @@ audit:
   sinks:
     - type: file
       path: %s
+metrics:
+  listen: 127.0.0.1:0
 log:
   format: json
 `, cfg.Identity.CertFile, cfg.Identity.KeyFile, cfg.Identity.BundleFile, filepath.Join(dir, "data", "leasehold.db"), cfg.KEKFile,
@@ -243,6 +246,26 @@ log:
 	data, err := os.ReadFile(filepath.Join(dir, "audit.jsonl"))
 	require.NoError(t, err)
 	require.NotContains(t, string(data), "pw-1", "nor does the export")
+
+	// Prometheus metrics on their own loopback listener.
+	var metricsAddr string
+	sc := bufio.NewScanner(strings.NewReader(stderr.String()))
+	for sc.Scan() {
+		var line struct{ Msg, Addr string }
+		if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "prometheus metrics" {
+			metricsAddr = line.Addr
+		}
+	}
+	require.NotEmpty(t, metricsAddr)
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	require.Regexp(t, `(?m)^leasehold_leases_active\{[^}]*\} 1$`, string(body))
+	require.Regexp(t, `(?m)^leasehold_decisions_total\{code="OK",decision="allow",operation="lease.acquire",[^}]*\} 1$`, string(body))
+	require.Regexp(t, `(?m)^leasehold_acquire_duration_seconds_bucket\{decision="allow",[^}]*le="0.01"\} 1$`, string(body), "second-scale buckets")
+	require.NotContains(t, string(body), "pw-1")
 }
 
 func TestServeRejectsBadConfig(t *testing.T) {

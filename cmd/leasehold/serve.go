@@ -93,6 +93,15 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		defer cancel()
 		_ = shutdownTracing(sctx)
 	}()
+	mp, shutdownMetrics, err := setupMetrics(ctx, cfg.Metrics.Listen, log)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = shutdownMetrics(sctx)
+	}()
 	st, err := openStore(cfg.Store)
 	if err != nil {
 		return err
@@ -109,7 +118,7 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 	}, server.Deps{
 		Store: st, Backends: reg, Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,
-		AuditSinks: newSinks(cfg.Audit.Sinks), TracerProvider: tp,
+		AuditSinks: newSinks(cfg.Audit.Sinks), TracerProvider: tp, MeterProvider: mp,
 	})
 	if err != nil {
 		return err

@@ -58,6 +58,7 @@ var (
 	keyLastAuditTime = []byte("last_audit_time")
 	keyAuditHead     = []byte("audit_head")
 	keyAuditFloor    = []byte("audit_floor")
+	keyActiveLeases  = []byte("active_leases")
 )
 
 // Config configures the engine.
@@ -437,11 +438,13 @@ func (t *boltTx) PutLease(l *store.Lease) error {
 	}
 	b := t.tx.Bucket(bLeases)
 	exp := t.tx.Bucket(bLeaseExpiry)
+	wasActive := false
 	if old := b.Get([]byte(l.ID)); old != nil {
 		prev, err := decode[store.Lease](old, "lease")
 		if err != nil {
 			return err
 		}
+		wasActive = prev.State == store.LeaseActive
 		if err := exp.Delete(expiryKey(prev.ExpiresAt, prev.ID)); err != nil {
 			return err
 		}
@@ -463,7 +466,29 @@ func (t *boltTx) PutLease(l *store.Lease) error {
 			return err
 		}
 	}
+	if isActive := l.State == store.LeaseActive; isActive != wasActive {
+		n, err := t.ActiveLeaseCount()
+		if err != nil {
+			return err
+		}
+		if isActive {
+			n++
+		} else {
+			n--
+		}
+		if err := t.tx.Bucket(bMeta).Put(keyActiveLeases, u64(uint64(n))); err != nil {
+			return err
+		}
+	}
 	return put(b, []byte(l.ID), l)
+}
+
+func (t *boltTx) ActiveLeaseCount() (int64, error) {
+	v := t.tx.Bucket(bMeta).Get(keyActiveLeases)
+	if v == nil {
+		return 0, nil
+	}
+	return int64(binary.BigEndian.Uint64(v)), nil
 }
 
 func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*store.Lease, error) {

@@ -214,7 +214,10 @@ func testLeaseIndexes(t *testing.T, s store.Store) {
 	})
 	require.Equal(t, []string{"ls_4"}, ids(store.LeaseFilter{AgentID: "spiffe://td/a", ActiveOnly: true}, "", 0))
 	view(t, s, func(tx store.ReadTx) error {
-		_, err := tx.GetLease("ls_9")
+		n, err := tx.ActiveLeaseCount()
+		require.NoError(t, err)
+		require.Equal(t, int64(2), n, "ls_3 and ls_4: the count follows state changes")
+		_, err = tx.GetLease("ls_9")
 		require.ErrorIs(t, err, store.ErrNotFound)
 		return nil
 	})
