@@ -180,7 +180,8 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		p       *policy
 		version *store.CredentialVersion
 	)
-	err = s.store.View(ctx, func(tx store.ReadTx) error {
+	pctx, pspan := s.startSpan(ctx, "policy.evaluate")
+	err = s.store.View(pctx, func(tx store.ReadTx) error {
 		var err error
 		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl); err != nil || p.denial != nil {
 			return err
@@ -188,6 +189,11 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		version, err = tx.GetCredentialVersion(p.cred.Name, p.cred.CurrentVersion)
 		return err
 	})
+	if err == nil && p != nil {
+		endSpan(pspan, p.denial)
+	} else {
+		endSpan(pspan, err)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -590,7 +596,10 @@ func (s *Server) renewUpstream(ctx context.Context, l *store.Lease, expires time
 		return time.Time{}, err
 	}
 	defer clearRef(ref)
-	return b.Renew(ctx, ref, expires)
+	ctx, span := s.startSpan(ctx, "backend.renew", attribute.String("leasehold.backend", l.Backend))
+	got, err := b.Renew(ctx, ref, expires)
+	endSpan(span, err)
+	return got, err
 }
 
 // reapOnce ends up to batch active leases that have expired and reports how

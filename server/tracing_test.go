@@ -111,6 +111,9 @@ func TestTraceChainFromTaskSpanToBackend(t *testing.T) {
 	require.True(t, sRPC.Parent().IsRemote())
 	require.Equal(t, sRPC.SpanContext().SpanID(), lease.Parent().SpanID())
 	require.Equal(t, lease.SpanContext().SpanID(), issue.Parent().SpanID())
+	policy := findSpan(e.spans.Ended(), "policy.evaluate")
+	require.NotNil(t, policy)
+	require.Equal(t, lease.SpanContext().SpanID(), policy.Parent().SpanID())
 	require.Equal(t, "ticket-7", spanAttrs(lease)["leasehold.task.id"])
 
 	recs, err := e.admin.QueryAudit(ctx, &leaseholdv1.QueryAuditRequest{TraceId: traceID.String()})

@@ -65,8 +65,15 @@ func grpcurlPath(t *testing.T) string {
 // process is stopped with SIGTERM at cleanup and must exit cleanly.
 func startProcess(t *testing.T, dir string, args ...string) (*exec.Cmd, *lockedBuffer, *lockedBuffer) {
 	t.Helper()
+	return startProcessEnv(t, dir, nil, args...)
+}
+
+// startProcessEnv is startProcess with extra environment variables.
+func startProcessEnv(t *testing.T, dir string, env []string, args ...string) (*exec.Cmd, *lockedBuffer, *lockedBuffer) {
+	t.Helper()
 	cmd := exec.Command(leaseholdBin, args...)
 	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
 	stdout, stderr := &lockedBuffer{}, &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	require.NoError(t, cmd.Start())
@@ -88,9 +95,9 @@ func startProcess(t *testing.T, dir string, args ...string) (*exec.Cmd, *lockedB
 var devReadyRE = regexp.MustCompile(`Leasehold dev broker on (\S+) `)
 
 // startDev runs `leasehold dev` in dir on a free port and returns host:port.
-func startDev(t *testing.T, dir, devDir string) string {
+func startDev(t *testing.T, dir, devDir string, env ...string) string {
 	t.Helper()
-	_, stdout, stderr := startProcess(t, dir, "dev", "--dir", devDir, "--listen", "127.0.0.1:0")
+	_, stdout, stderr := startProcessEnv(t, dir, env, "dev", "--dir", devDir, "--listen", "127.0.0.1:0")
 	var addr string
 	require.Eventually(t, func() bool {
 		if m := devReadyRE.FindStringSubmatch(stdout.String()); m != nil {
