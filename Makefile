@@ -15,11 +15,16 @@ help: ## list targets
 deps: ## install the Debian packages tests need (PostgreSQL), if missing
 	scripts/install-deps.sh
 
-tools: $(PROTO_TOOLS) $(BUF) ## install pinned tools into ./bin and tools/buf
+tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger ## install pinned tools into ./bin and tools/buf
 
 $(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
 	cd tools/proto && GOBIN=$(BIN) go install tool
 	@touch $(PROTO_TOOLS)
+
+# Jaeger all-in-one for the tracing round-trip test (~4 min cold build).
+$(BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
+	cd tools/jaeger && GOBIN=$(BIN) go install tool
+	@touch $@
 
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
 	cd tools/buf && npm ci --no-audit --no-fund --loglevel=error
@@ -50,7 +55,7 @@ breaking: tools ## buf breaking against the main branch (when main has proto/)
 test: deps tools generate-check lint test-go ## every check and test (what CI runs)
 
 test-go: tools ## go test -race over every package
-	LEASEHOLD_GRPCURL=$(BIN)/grpcurl $(GO_TEST) ./...
+	LEASEHOLD_GRPCURL=$(BIN)/grpcurl LEASEHOLD_JAEGER=$(BIN)/jaeger $(GO_TEST) ./...
 
 bench: ## broker and store benchmarks (figures in docs/benchmarks.md)
 	go test -run '^$$' -bench . -benchmem -cpu 2,8,32 ./server/
