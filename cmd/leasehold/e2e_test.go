@@ -39,12 +39,12 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// grpcurlPath finds the pinned grpcurl (make tools). In CI a missing tool
-// fails the test instead of skipping it.
-func grpcurlPath(t *testing.T) string {
+// toolPath finds a tool pinned under tools/ and installed into bin/ by
+// `make tools`: from the environment variable, else ../../bin/name. In CI a
+// missing tool fails the test instead of skipping it.
+func toolPath(t *testing.T, envVar, name string) string {
 	t.Helper()
-	candidates := []string{os.Getenv("LEASEHOLD_GRPCURL"), "../../bin/grpcurl"}
-	for _, c := range candidates {
+	for _, c := range []string{os.Getenv(envVar), "../../bin/" + name} {
 		if c == "" {
 			continue
 		}
@@ -55,11 +55,13 @@ func grpcurlPath(t *testing.T) string {
 		}
 	}
 	if os.Getenv("CI") == "true" {
-		t.Fatal("grpcurl not found: run 'make tools' (CI must not skip this test)")
+		t.Fatalf("%s not found: run 'make tools' (CI must not skip this test)", name)
 	}
-	t.Skip("grpcurl not found; run 'make tools'")
+	t.Skipf("%s not found; run 'make tools'", name)
 	return ""
 }
+
+func grpcurlPath(t *testing.T) string { return toolPath(t, "LEASEHOLD_GRPCURL", "grpcurl") }
 
 // startProcess starts the binary with its stdout and stderr captured; the
 // process is stopped with SIGTERM at cleanup and must exit cleanly.

@@ -30,25 +30,7 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// jaegerPath finds the pinned Jaeger (make tools); CI must not skip.
-func jaegerPath(t *testing.T) string {
-	t.Helper()
-	for _, c := range []string{os.Getenv("LEASEHOLD_JAEGER"), "../../bin/jaeger"} {
-		if c == "" {
-			continue
-		}
-		if abs, err := filepath.Abs(c); err == nil {
-			if _, err := os.Stat(abs); err == nil {
-				return abs
-			}
-		}
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("jaeger not found: run 'make tools' (CI must not skip this test)")
-	}
-	t.Skip("jaeger not found; run 'make tools'")
-	return ""
-}
+func jaegerPath(t *testing.T) string { return toolPath(t, "LEASEHOLD_JAEGER", "jaeger") }
 
 // startJaeger runs Jaeger all-in-one with in-memory storage, every endpoint
 // on loopback, and returns its OTLP gRPC and query HTTP addresses.
