@@ -7,7 +7,7 @@ PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
 GO_TEST     ?= go test -race -count=1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help deps tools build generate generate-check lint breaking test test-go bench bench-postgres fuzz demo clean
+.PHONY: help deps tools grpcurl build generate generate-check lint breaking test test-go bench bench-postgres fuzz demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -20,6 +20,8 @@ tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger ## install pinned tools into ./bin an
 $(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
 	cd tools/proto && GOBIN=$(BIN) go install tool
 	@touch $(PROTO_TOOLS)
+
+grpcurl: $(BIN)/grpcurl ## install only the pinned grpcurl (and protoc plugins) into ./bin
 
 # Jaeger all-in-one for the tracing round-trip test (~4 min cold build).
 $(BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
