@@ -40,7 +40,13 @@ lh --as admin grant create --credential crm/salesforce \
   --spiffe-id "spiffe://$TD/agents/agent-1" --scopes read --max-ttl 10m >/dev/null
 lh --as admin grant list --credential crm/salesforce
 
-step "agent-1 acquires a lease for task ticket-4711"
+# One trace for the task: every CLI call below joins it (TRACEPARENT is the
+# OpenTelemetry convention for command-line tools). With the broker exporting
+# (OTEL_TRACES_EXPORTER=otlp), the task is one trace in your tracing backend.
+trace_id=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export TRACEPARENT="00-${trace_id}-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')-01"
+
+step "agent-1 acquires a lease for task ticket-4711 (trace $trace_id)"
 eval "$(lh --as agent-1 acquire crm/salesforce --scopes read --ttl 2m \
   --task ticket-4711 --purpose "sync contacts to the CRM" --format env)"
 echo "lease $LEASEHOLD_LEASE_ID, expires $LEASEHOLD_LEASE_EXPIRES_AT"
@@ -54,6 +60,8 @@ unset API_KEY
 step "agent-1 releases the lease"
 lh --as agent-1 release "$LEASEHOLD_LEASE_ID" | grep -E '"(id|state|endReason)"'
 
+unset TRACEPARENT
+
 step "agent-2 has no grant and is denied (the denial is audited too)"
 if lh --as agent-2 acquire crm/salesforce --scopes read --task ticket-4712 2>&1; then
   echo "demo: agent-2 was not denied" >&2; exit 1
@@ -61,5 +69,8 @@ fi
 
 step "The audit trail: who accessed what, when, for which task"
 lh --as admin audit query --credential crm/salesforce
+
+step "The task's trace leads to its audit records"
+lh --as admin audit query --trace "$trace_id"
 
 printf '\nDone. The broker log is in %s/broker.log.\n' "$DIR"

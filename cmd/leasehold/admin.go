@@ -69,7 +69,7 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		return durationpb.New(d)
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), conn.timeout)
+	ctx, cancel := callContext(context.Background(), conn.timeout)
 	defer cancel()
 	cc, closeConn, err := conn.dial(ctx)
 	if err != nil {

@@ -30,7 +30,7 @@ func cmdAgent(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), conn.timeout)
+	ctx, cancel := callContext(context.Background(), conn.timeout)
 	defer cancel()
 	cc, closeConn, err := conn.dial(ctx)
 	if err != nil {

@@ -74,7 +74,7 @@ func cmdAudit(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		return usageErr("--format must be table or json")
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), conn.timeout)
+	ctx, cancel := callContext(context.Background(), conn.timeout)
 	if verb == "audit" && sub == "watch" {
 		ctx, cancel = signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	}

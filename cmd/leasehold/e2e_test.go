@@ -165,6 +165,10 @@ func TestDemoScript(t *testing.T) {
 	cmd.Env = append(os.Environ(), "LEASEHOLD="+leaseholdBin, "DEMO_DIR="+filepath.Join(dir, "demo"))
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
+	m := regexp.MustCompile(`for task ticket-4711 \(trace ([0-9a-f]{32})\)`).FindStringSubmatch(string(out))
+	require.NotNil(t, m, "the demo names the task's trace")
+	traceSection := string(out)[strings.Index(string(out), "The task's trace leads to its audit records"):]
+	require.Equal(t, 2, strings.Count(traceSection, "ticket-4711"), "acquire and release of the task are in its trace:\n%s", traceSection)
 	for _, want := range []string{"the leased key is the stored one", "LEASE_STATE_RELEASED",
 		"PermissionDenied", "lease_acquire   allow", "lease_release   allow", "lease_acquire   deny"} {
 		require.Contains(t, string(out), want)

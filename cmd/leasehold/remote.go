@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/propagation"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -84,6 +85,23 @@ func (c *connFlags) dial(ctx context.Context) (*grpc.ClientConn, func(), error) 
 		return nil, nil, err
 	}
 	return conn, func() { conn.Close(); src.Close() }, nil
+}
+
+// callContext is the context for the CLI's RPCs: it joins the trace named
+// by the TRACEPARENT (and TRACESTATE) environment variables, the
+// OpenTelemetry convention for command-line tools, so a script's calls for
+// one task land in one trace.
+func callContext(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	carrier := propagation.MapCarrier{}
+	if tp := os.Getenv("TRACEPARENT"); tp != "" {
+		carrier.Set("traceparent", tp)
+		carrier.Set("tracestate", os.Getenv("TRACESTATE"))
+		ctx = propagation.TraceContext{}.Extract(ctx, carrier)
+	}
+	if timeout <= 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, timeout)
 }
 
 var jsonOut = protojson.MarshalOptions{Multiline: true, Indent: "  ", EmitUnpopulated: false}

@@ -119,6 +119,9 @@ func setupMetrics(ctx context.Context, promListen string, log *slog.Logger) (met
 			return nil, noop, err
 		}
 		opts = append(opts, sdkmetric.WithReader(exp))
+		if host, port, err := net.SplitHostPort(promListen); err == nil && host == "" {
+			promListen = net.JoinHostPort("127.0.0.1", port) // no host: loopback, not every interface
+		}
 		lis, err := net.Listen("tcp", promListen)
 		if err != nil {
 			return nil, noop, fmt.Errorf("metrics.listen: %w", err)
