@@ -13,7 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -52,6 +52,9 @@ type Config struct {
 	// Propagator sends the trace context to the broker. Default: W3C trace
 	// context and baggage.
 	Propagator propagation.TextMapPropagator
+	// NoWatch turns off the background WatchLeases stream that invalidates
+	// leases the broker revokes. Leave it on for agents.
+	NoWatch bool
 }
 
 func (c *Config) telemetry() (trace.TracerProvider, propagation.TextMapPropagator) {
@@ -99,6 +102,12 @@ type Client struct {
 	conn   *grpc.ClientConn
 	broker leaseholdv1.BrokerServiceClient
 	tracer trace.Tracer
+
+	mu     sync.Mutex
+	leases map[string]*Lease // live leases, for the watcher
+	synced chan struct{}     // closed once the watcher is subscribed
+	closed chan struct{}
+	wg     sync.WaitGroup
 }
 
 // New connects to the broker. The connection is made lazily; the first call
@@ -109,12 +118,34 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		return nil, err
 	}
 	tp, _ := cfg.telemetry()
-	return &Client{conn: conn, broker: leaseholdv1.NewBrokerServiceClient(conn),
-		tracer: tp.Tracer("github.com/leasehold/leasehold/client")}, nil
+	c := &Client{conn: conn, broker: leaseholdv1.NewBrokerServiceClient(conn),
+		tracer: tp.Tracer("github.com/leasehold/leasehold/client"),
+		leases: map[string]*Lease{}, synced: make(chan struct{}), closed: make(chan struct{})}
+	if cfg.NoWatch {
+		close(c.synced)
+	} else {
+		c.wg.Add(1)
+		go c.watch()
+	}
+	return c, nil
 }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close stops renewals and the watcher and closes the connection. It does
+// not release leases: they end on expiry.
+func (c *Client) Close() error {
+	select {
+	case <-c.closed:
+	default:
+		close(c.closed)
+	}
+	c.mu.Lock()
+	for _, l := range c.leases {
+		l.stopRenewing()
+	}
+	c.mu.Unlock()
+	c.wg.Wait()
+	return c.conn.Close()
+}
 
 // AcquireOptions describe what the lease is for.
 type AcquireOptions struct {
@@ -126,36 +157,120 @@ type AcquireOptions struct {
 	TaskID string
 	// Purpose is recorded in the audit trail.
 	Purpose string
+	// AutoRenew keeps the lease alive in the background (renewing at two
+	// thirds of its life) until Release, ctx ends, or the broker refuses;
+	// it never goes past the grant's max_lifetime.
+	AutoRenew bool
 }
 
-// Lease is an acquired credential.
+// Lease is an acquired credential. Its secret is usable until the lease
+// ends: after Release, expiry, a failed renewal or a revocation the broker
+// announces, Secret returns an error and the bytes are zeroed.
 type Lease struct {
-	ID         string
-	Credential string
-	Scopes     []string
-	TaskID     string
-	ExpiresAt  time.Time
-	// MaxExpiresAt is the furthest renewals can take the lease.
+	ID           string
+	Credential   string
+	Scopes       []string
+	TaskID       string
 	MaxExpiresAt time.Time
-	secret       map[string]string
+
+	c         *Client
+	ttl       time.Duration
+	mu        sync.Mutex
+	expiresAt time.Time
+	secret    map[string][]byte
+	err       error
+	done      chan struct{}
+	stop      chan struct{}
+	stopOnce  sync.Once
 }
 
-// Secret returns the secret's fields. Use them and let them go; do not log them.
-func (l *Lease) Secret() map[string]string { return maps.Clone(l.secret) }
+// Secret returns a copy of the secret's fields, or why the lease can no
+// longer be used. Use the values and let them go; do not log them.
+func (l *Lease) Secret() (map[string]string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.err != nil {
+		return nil, l.err
+	}
+	if !time.Now().Before(l.expiresAt) {
+		return nil, fmt.Errorf("%w: lease %s expired", ErrLeaseEnded, l.ID)
+	}
+	out := make(map[string]string, len(l.secret))
+	for k, v := range l.secret {
+		out[k] = string(v)
+	}
+	return out, nil
+}
 
 // Get returns one secret field.
-func (l *Lease) Get(field string) (string, bool) {
-	v, ok := l.secret[field]
-	return v, ok
+func (l *Lease) Get(field string) (string, error) {
+	m, err := l.Secret()
+	if err != nil {
+		return "", err
+	}
+	v, ok := m[field]
+	if !ok {
+		return "", fmt.Errorf("leasehold: lease %s has no field %q", l.ID, field)
+	}
+	return v, nil
+}
+
+// ExpiresAt is the lease's current expiry (moved by renewals).
+func (l *Lease) ExpiresAt() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.expiresAt
+}
+
+// Done is closed when the lease can no longer be used; Err says why.
+func (l *Lease) Done() <-chan struct{} { return l.done }
+
+// Err is nil while the lease is usable.
+func (l *Lease) Err() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.err
+}
+
+// invalidate ends the lease locally: the secret is zeroed and dropped.
+func (l *Lease) invalidate(err error) {
+	l.stopRenewing()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.err != nil {
+		return
+	}
+	l.err = err
+	for _, v := range l.secret {
+		clear(v)
+	}
+	l.secret = nil
+	close(l.done)
+}
+
+func (l *Lease) stopRenewing() { l.stopOnce.Do(func() { close(l.stop) }) }
+
+// Release ends the lease at the broker and locally.
+func (l *Lease) Release(ctx context.Context) error {
+	l.stopRenewing()
+	err := l.c.Release(ctx, l.ID)
+	l.c.untrack(l.ID)
+	l.invalidate(fmt.Errorf("%w: lease %s released", ErrLeaseEnded, l.ID))
+	return err
 }
 
 // span starts a client span; end records the outcome (never a secret: only
-// the status code and message the broker sent).
+// the status code the broker sent).
 func (c *Client) span(ctx context.Context, name string, attrs ...attribute.KeyValue) (context.Context, func(error)) {
 	ctx, span := c.tracer.Start(ctx, name, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(attrs...))
 	return ctx, func(err error) {
 		if err != nil {
-			span.SetStatus(otelcodes.Error, status.Code(err).String())
+			code := status.Code(err)
+			var e *Error
+			if errors.As(err, &e) {
+				code = e.Code
+			}
+			span.SetStatus(otelcodes.Error, code.String())
 		}
 		span.End()
 	}
@@ -179,12 +294,28 @@ func (c *Client) Acquire(ctx context.Context, credential string, opts AcquireOpt
 	if opts.TTL != 0 {
 		req.Ttl = durationpb.New(opts.TTL)
 	}
+	if !c.waitSynced(ctx) {
+		return nil, fmt.Errorf("%w: the revocation watch is not connected", ErrUnavailable)
+	}
 	resp, err := c.broker.AcquireLease(ctx, req)
 	if err != nil {
 		return nil, wrap(err)
 	}
-	l := fromProto(resp.GetLease())
-	l.secret = resp.GetSecret()
+	pl := resp.GetLease()
+	l := &Lease{
+		ID: pl.GetId(), Credential: pl.GetCredential(), Scopes: pl.GetScopes(), TaskID: pl.GetTask().GetId(),
+		MaxExpiresAt: pl.GetMaxExpiresAt().AsTime(), expiresAt: pl.GetExpiresAt().AsTime(),
+		ttl: pl.GetExpiresAt().AsTime().Sub(pl.GetIssuedAt().AsTime()), c: c,
+		secret: make(map[string][]byte, len(resp.GetSecret())), done: make(chan struct{}), stop: make(chan struct{}),
+	}
+	for k, v := range resp.GetSecret() {
+		l.secret[k] = []byte(v)
+	}
+	c.track(l)
+	if opts.AutoRenew {
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); l.renewLoop(context.WithoutCancel(ctx), ctx.Done()) }()
+	}
 	return l, nil
 }
 
@@ -221,13 +352,6 @@ func (c *Client) WhoAmI(ctx context.Context) (string, error) {
 	return resp.GetSpiffeId(), nil
 }
 
-func fromProto(l *leaseholdv1.Lease) *Lease {
-	return &Lease{
-		ID: l.GetId(), Credential: l.GetCredential(), Scopes: l.GetScopes(), TaskID: l.GetTask().GetId(),
-		ExpiresAt: l.GetExpiresAt().AsTime(), MaxExpiresAt: l.GetMaxExpiresAt().AsTime(),
-	}
-}
-
 // Errors returned by the client match these with errors.Is.
 var (
 	// ErrDenied: no grant allows it, the agent is revoked, or the lease is
@@ -243,6 +367,8 @@ var (
 	ErrUnavailable = errors.New("leasehold: unavailable")
 	// ErrUnauthenticated: the broker did not accept this agent's identity.
 	ErrUnauthenticated = errors.New("leasehold: unauthenticated")
+	// ErrRevoked: the broker revoked the lease; it also matches ErrLeaseEnded.
+	ErrRevoked = &revokedError{}
 )
 
 // Error is a broker error with its gRPC code and message.
@@ -282,3 +408,10 @@ func wrap(err error) error {
 	}
 	return &Error{Code: st.Code(), Message: st.Message()}
 }
+
+type revokedError struct{}
+
+func (*revokedError) Error() string { return "leasehold: lease revoked" }
+
+// Is makes a revocation also an ended lease.
+func (*revokedError) Is(target error) bool { return target == ErrLeaseEnded }

@@ -123,15 +123,24 @@ func (a *adminService) QueryAudit(ctx context.Context, req *leaseholdv1.QueryAud
 // received neither skips nor repeats.
 func (a *adminService) WatchAudit(req *leaseholdv1.WatchAuditRequest, stream leaseholdv1.AdminService_WatchAuditServer) error {
 	s := a.s
-	ctx := stream.Context()
 	q, err := s.auditFilter(req.GetAgentId(), req.GetCredential(), req.GetTaskId(), req.GetLeaseId(), req.GetTraceId(), req.GetDecision())
 	if err != nil {
 		return err
 	}
+	return s.streamAudit(stream.Context(), q, req.GetAfterSequence(), req.GetFromNow(), func(r *store.AuditRecord) error {
+		return stream.Send(&leaseholdv1.WatchAuditResponse{Record: auditToProto(r)})
+	})
+}
+
+// streamAudit sends records matching q oldest first from after (or from
+// the head), then each new one as it commits, until ctx ends or the broker
+// stops.
+func (s *Server) streamAudit(ctx context.Context, q store.AuditQuery, after uint64, fromNow bool, send func(*store.AuditRecord) error) error {
 	const batch = 500
-	cursor := req.GetAfterSequence()
-	if req.GetFromNow() {
+	cursor := after
+	if fromNow {
 		if err := s.store.View(ctx, func(tx store.ReadTx) error {
+			var err error
 			cursor, err = tx.LastAuditSequence()
 			return err
 		}); err != nil {
@@ -147,6 +156,7 @@ func (a *adminService) WatchAudit(req *leaseholdv1.WatchAuditRequest, stream lea
 		var recs []*store.AuditRecord
 		var last uint64
 		if err := s.store.View(ctx, func(tx store.ReadTx) error {
+			var err error
 			if last, err = tx.LastAuditSequence(); err != nil {
 				return err
 			}
@@ -156,7 +166,7 @@ func (a *adminService) WatchAudit(req *leaseholdv1.WatchAuditRequest, stream lea
 			return err
 		}
 		for _, r := range recs {
-			if err := stream.Send(&leaseholdv1.WatchAuditResponse{Record: auditToProto(r)}); err != nil {
+			if err := send(r); err != nil {
 				return err
 			}
 			cursor = r.Sequence

@@ -27,6 +27,7 @@ var methodAccess = map[string]access{
 	"/leasehold.v1.BrokerService/RenewLease":   accessPeer,
 	"/leasehold.v1.BrokerService/ReleaseLease": accessPeer,
 	"/leasehold.v1.BrokerService/WhoAmI":       accessPeer,
+	"/leasehold.v1.BrokerService/WatchLeases":  accessPeer,
 
 	"/leasehold.v1.AdminService/PutCredential":      accessAdmin,
 	"/leasehold.v1.AdminService/GetCredential":      accessAdmin,

@@ -78,3 +78,38 @@ func (b *brokerService) WhoAmI(ctx context.Context, _ *leaseholdv1.WhoAmIRequest
 	})
 	return out, err
 }
+
+var leaseEvents = map[store.AuditEvent]leaseholdv1.LeaseEvent{
+	store.EventLeaseAcquire: leaseholdv1.LeaseEvent_LEASE_EVENT_ACQUIRED,
+	store.EventLeaseRenew:   leaseholdv1.LeaseEvent_LEASE_EVENT_RENEWED,
+	store.EventLeaseRelease: leaseholdv1.LeaseEvent_LEASE_EVENT_RELEASED,
+	store.EventLeaseExpire:  leaseholdv1.LeaseEvent_LEASE_EVENT_EXPIRED,
+	store.EventLeaseRevoke:  leaseholdv1.LeaseEvent_LEASE_EVENT_REVOKED,
+}
+
+// WatchLeases streams the caller's own lease events from the audit trail
+// (allowed decisions only: a refused attempt is not a lease event). Its
+// first message is a sync marker (event UNSPECIFIED) carrying the sequence
+// the stream starts after: every lease event committed later will follow.
+func (b *brokerService) WatchLeases(req *leaseholdv1.WatchLeasesRequest, stream leaseholdv1.BrokerService_WatchLeasesServer) error {
+	ctx := stream.Context()
+	caller := callerFrom(ctx).String()
+	after := req.GetAfterSequence()
+	if req.GetFromNow() {
+		if err := b.s.store.View(ctx, func(tx store.ReadTx) (err error) { after, err = tx.LastAuditSequence(); return err }); err != nil {
+			return err
+		}
+	}
+	if err := stream.Send(&leaseholdv1.WatchLeasesResponse{Sequence: after}); err != nil {
+		return err
+	}
+	q := store.AuditQuery{AgentID: caller, Decision: store.Allow}
+	return b.s.streamAudit(ctx, q, after, false, func(r *store.AuditRecord) error {
+		ev, ok := leaseEvents[r.Event]
+		if !ok || r.LeaseID == "" {
+			return nil
+		}
+		return stream.Send(&leaseholdv1.WatchLeasesResponse{Sequence: r.Sequence, Event: ev, LeaseId: r.LeaseID,
+			Credential: r.Credential, TaskId: r.TaskID, Reason: r.Reason, Time: ts(r.Time)})
+	})
+}

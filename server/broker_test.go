@@ -31,8 +31,10 @@ func TestFullFlowThroughClientLibrary(t *testing.T) {
 	lease, err := c.Acquire(ctx, "crm/salesforce", client.AcquireOptions{Scopes: []string{"read"}, TaskID: "ticket-1", Purpose: "sync contacts"})
 	require.NoError(t, err)
 	require.Regexp(t, `^ls_[0-9a-f]{32}$`, lease.ID)
-	require.Equal(t, map[string]string{"api_key": "k-123", "instance": "acme"}, lease.Secret())
-	require.WithinDuration(t, e.clock.Now().Add(5*time.Minute), lease.ExpiresAt, 5*time.Second, "default ttl is 5 minutes")
+	secret, err := lease.Secret()
+	require.NoError(t, err)
+	require.Equal(t, map[string]string{"api_key": "k-123", "instance": "acme"}, secret)
+	require.WithinDuration(t, e.clock.Now().Add(5*time.Minute), lease.ExpiresAt(), 5*time.Second, "default ttl is 5 minutes")
 
 	exp, err := c.Renew(ctx, lease.ID, 10*time.Minute)
 	require.NoError(t, err)

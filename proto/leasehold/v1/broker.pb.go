@@ -10,6 +10,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -21,6 +22,214 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// LeaseEvent is what happened to a lease.
+type LeaseEvent int32
+
+const (
+	LeaseEvent_LEASE_EVENT_UNSPECIFIED LeaseEvent = 0
+	LeaseEvent_LEASE_EVENT_ACQUIRED    LeaseEvent = 1
+	LeaseEvent_LEASE_EVENT_RENEWED     LeaseEvent = 2
+	LeaseEvent_LEASE_EVENT_RELEASED    LeaseEvent = 3
+	LeaseEvent_LEASE_EVENT_EXPIRED     LeaseEvent = 4
+	// Ended by an admin: RevokeLease, RevokeAgent, DeleteGrant or
+	// DeleteCredential. Stop using the secret now.
+	LeaseEvent_LEASE_EVENT_REVOKED LeaseEvent = 5
+)
+
+// Enum value maps for LeaseEvent.
+var (
+	LeaseEvent_name = map[int32]string{
+		0: "LEASE_EVENT_UNSPECIFIED",
+		1: "LEASE_EVENT_ACQUIRED",
+		2: "LEASE_EVENT_RENEWED",
+		3: "LEASE_EVENT_RELEASED",
+		4: "LEASE_EVENT_EXPIRED",
+		5: "LEASE_EVENT_REVOKED",
+	}
+	LeaseEvent_value = map[string]int32{
+		"LEASE_EVENT_UNSPECIFIED": 0,
+		"LEASE_EVENT_ACQUIRED":    1,
+		"LEASE_EVENT_RENEWED":     2,
+		"LEASE_EVENT_RELEASED":    3,
+		"LEASE_EVENT_EXPIRED":     4,
+		"LEASE_EVENT_REVOKED":     5,
+	}
+)
+
+func (x LeaseEvent) Enum() *LeaseEvent {
+	p := new(LeaseEvent)
+	*p = x
+	return p
+}
+
+func (x LeaseEvent) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (LeaseEvent) Descriptor() protoreflect.EnumDescriptor {
+	return file_leasehold_v1_broker_proto_enumTypes[0].Descriptor()
+}
+
+func (LeaseEvent) Type() protoreflect.EnumType {
+	return &file_leasehold_v1_broker_proto_enumTypes[0]
+}
+
+func (x LeaseEvent) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use LeaseEvent.Descriptor instead.
+func (LeaseEvent) EnumDescriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+}
+
+type WatchLeasesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Stream events after this sequence (of the audit trail); 0 from the start.
+	AfterSequence uint64 `protobuf:"varint,1,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	// Start at the current head: only events from now on.
+	FromNow       bool `protobuf:"varint,2,opt,name=from_now,json=fromNow,proto3" json:"from_now,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchLeasesRequest) Reset() {
+	*x = WatchLeasesRequest{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchLeasesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchLeasesRequest) ProtoMessage() {}
+
+func (x *WatchLeasesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchLeasesRequest.ProtoReflect.Descriptor instead.
+func (*WatchLeasesRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *WatchLeasesRequest) GetAfterSequence() uint64 {
+	if x != nil {
+		return x.AfterSequence
+	}
+	return 0
+}
+
+func (x *WatchLeasesRequest) GetFromNow() bool {
+	if x != nil {
+		return x.FromNow
+	}
+	return false
+}
+
+type WatchLeasesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resume after this sequence.
+	Sequence      uint64                 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	Event         LeaseEvent             `protobuf:"varint,2,opt,name=event,proto3,enum=leasehold.v1.LeaseEvent" json:"event,omitempty"`
+	LeaseId       string                 `protobuf:"bytes,3,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	Credential    string                 `protobuf:"bytes,4,opt,name=credential,proto3" json:"credential,omitempty"`
+	TaskId        string                 `protobuf:"bytes,5,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Reason        string                 `protobuf:"bytes,6,opt,name=reason,proto3" json:"reason,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchLeasesResponse) Reset() {
+	*x = WatchLeasesResponse{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchLeasesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchLeasesResponse) ProtoMessage() {}
+
+func (x *WatchLeasesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchLeasesResponse.ProtoReflect.Descriptor instead.
+func (*WatchLeasesResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *WatchLeasesResponse) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *WatchLeasesResponse) GetEvent() LeaseEvent {
+	if x != nil {
+		return x.Event
+	}
+	return LeaseEvent_LEASE_EVENT_UNSPECIFIED
+}
+
+func (x *WatchLeasesResponse) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *WatchLeasesResponse) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *WatchLeasesResponse) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *WatchLeasesResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *WatchLeasesResponse) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
 
 type AcquireLeaseRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -39,7 +248,7 @@ type AcquireLeaseRequest struct {
 
 func (x *AcquireLeaseRequest) Reset() {
 	*x = AcquireLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -51,7 +260,7 @@ func (x *AcquireLeaseRequest) String() string {
 func (*AcquireLeaseRequest) ProtoMessage() {}
 
 func (x *AcquireLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -64,7 +273,7 @@ func (x *AcquireLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLeaseRequest.ProtoReflect.Descriptor instead.
 func (*AcquireLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *AcquireLeaseRequest) GetCredential() string {
@@ -106,7 +315,7 @@ type AcquireLeaseResponse struct {
 
 func (x *AcquireLeaseResponse) Reset() {
 	*x = AcquireLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -118,7 +327,7 @@ func (x *AcquireLeaseResponse) String() string {
 func (*AcquireLeaseResponse) ProtoMessage() {}
 
 func (x *AcquireLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -131,7 +340,7 @@ func (x *AcquireLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLeaseResponse.ProtoReflect.Descriptor instead.
 func (*AcquireLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{1}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AcquireLeaseResponse) GetLease() *Lease {
@@ -159,7 +368,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -171,7 +380,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -184,7 +393,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{2}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -210,7 +419,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -222,7 +431,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -235,7 +444,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{3}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -254,7 +463,7 @@ type ReleaseLeaseRequest struct {
 
 func (x *ReleaseLeaseRequest) Reset() {
 	*x = ReleaseLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -266,7 +475,7 @@ func (x *ReleaseLeaseRequest) String() string {
 func (*ReleaseLeaseRequest) ProtoMessage() {}
 
 func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -279,7 +488,7 @@ func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{4}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ReleaseLeaseRequest) GetLeaseId() string {
@@ -298,7 +507,7 @@ type ReleaseLeaseResponse struct {
 
 func (x *ReleaseLeaseResponse) Reset() {
 	*x = ReleaseLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +519,7 @@ func (x *ReleaseLeaseResponse) String() string {
 func (*ReleaseLeaseResponse) ProtoMessage() {}
 
 func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +532,7 @@ func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{5}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReleaseLeaseResponse) GetLease() *Lease {
@@ -341,7 +550,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -353,7 +562,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -366,7 +575,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{6}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{8}
 }
 
 type WhoAmIResponse struct {
@@ -382,7 +591,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -394,7 +603,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -407,7 +616,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{7}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WhoAmIResponse) GetSpiffeId() string {
@@ -435,7 +644,20 @@ var File_leasehold_v1_broker_proto protoreflect.FileDescriptor
 
 const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\n" +
-	"\x19leasehold/v1/broker.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x18leasehold/v1/types.proto\"\xa2\x01\n" +
+	"\x19leasehold/v1/broker.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"V\n" +
+	"\x12WatchLeasesRequest\x12%\n" +
+	"\x0eafter_sequence\x18\x01 \x01(\x04R\rafterSequence\x12\x19\n" +
+	"\bfrom_now\x18\x02 \x01(\bR\afromNow\"\xfd\x01\n" +
+	"\x13WatchLeasesResponse\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12.\n" +
+	"\x05event\x18\x02 \x01(\x0e2\x18.leasehold.v1.LeaseEventR\x05event\x12\x19\n" +
+	"\blease_id\x18\x03 \x01(\tR\aleaseId\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x04 \x01(\tR\n" +
+	"credential\x12\x17\n" +
+	"\atask_id\x18\x05 \x01(\tR\x06taskId\x12\x16\n" +
+	"\x06reason\x18\x06 \x01(\tR\x06reason\x12.\n" +
+	"\x04time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xa2\x01\n" +
 	"\x13AcquireLeaseRequest\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
@@ -462,13 +684,22 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\x0eWhoAmIResponse\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x14\n" +
 	"\x05admin\x18\x02 \x01(\bR\x05admin\x12\x18\n" +
-	"\arevoked\x18\x03 \x01(\bR\arevoked2\xd3\x02\n" +
+	"\arevoked\x18\x03 \x01(\bR\arevoked*\xa8\x01\n" +
+	"\n" +
+	"LeaseEvent\x12\x1b\n" +
+	"\x17LEASE_EVENT_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14LEASE_EVENT_ACQUIRED\x10\x01\x12\x17\n" +
+	"\x13LEASE_EVENT_RENEWED\x10\x02\x12\x18\n" +
+	"\x14LEASE_EVENT_RELEASED\x10\x03\x12\x17\n" +
+	"\x13LEASE_EVENT_EXPIRED\x10\x04\x12\x17\n" +
+	"\x13LEASE_EVENT_REVOKED\x10\x052\xa9\x03\n" +
 	"\rBrokerService\x12U\n" +
 	"\fAcquireLease\x12!.leasehold.v1.AcquireLeaseRequest\x1a\".leasehold.v1.AcquireLeaseResponse\x12O\n" +
 	"\n" +
 	"RenewLease\x12\x1f.leasehold.v1.RenewLeaseRequest\x1a .leasehold.v1.RenewLeaseResponse\x12U\n" +
 	"\fReleaseLease\x12!.leasehold.v1.ReleaseLeaseRequest\x1a\".leasehold.v1.ReleaseLeaseResponse\x12C\n" +
-	"\x06WhoAmI\x12\x1b.leasehold.v1.WhoAmIRequest\x1a\x1c.leasehold.v1.WhoAmIResponseB?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
+	"\x06WhoAmI\x12\x1b.leasehold.v1.WhoAmIRequest\x1a\x1c.leasehold.v1.WhoAmIResponse\x12T\n" +
+	"\vWatchLeases\x12 .leasehold.v1.WatchLeasesRequest\x1a!.leasehold.v1.WatchLeasesResponse0\x01B?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
 
 var (
 	file_leasehold_v1_broker_proto_rawDescOnce sync.Once
@@ -482,42 +713,51 @@ func file_leasehold_v1_broker_proto_rawDescGZIP() []byte {
 	return file_leasehold_v1_broker_proto_rawDescData
 }
 
-var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_leasehold_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_leasehold_v1_broker_proto_goTypes = []any{
-	(*AcquireLeaseRequest)(nil),  // 0: leasehold.v1.AcquireLeaseRequest
-	(*AcquireLeaseResponse)(nil), // 1: leasehold.v1.AcquireLeaseResponse
-	(*RenewLeaseRequest)(nil),    // 2: leasehold.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),   // 3: leasehold.v1.RenewLeaseResponse
-	(*ReleaseLeaseRequest)(nil),  // 4: leasehold.v1.ReleaseLeaseRequest
-	(*ReleaseLeaseResponse)(nil), // 5: leasehold.v1.ReleaseLeaseResponse
-	(*WhoAmIRequest)(nil),        // 6: leasehold.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),       // 7: leasehold.v1.WhoAmIResponse
-	nil,                          // 8: leasehold.v1.AcquireLeaseResponse.SecretEntry
-	(*durationpb.Duration)(nil),  // 9: google.protobuf.Duration
-	(*Task)(nil),                 // 10: leasehold.v1.Task
-	(*Lease)(nil),                // 11: leasehold.v1.Lease
+	(LeaseEvent)(0),               // 0: leasehold.v1.LeaseEvent
+	(*WatchLeasesRequest)(nil),    // 1: leasehold.v1.WatchLeasesRequest
+	(*WatchLeasesResponse)(nil),   // 2: leasehold.v1.WatchLeasesResponse
+	(*AcquireLeaseRequest)(nil),   // 3: leasehold.v1.AcquireLeaseRequest
+	(*AcquireLeaseResponse)(nil),  // 4: leasehold.v1.AcquireLeaseResponse
+	(*RenewLeaseRequest)(nil),     // 5: leasehold.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 6: leasehold.v1.RenewLeaseResponse
+	(*ReleaseLeaseRequest)(nil),   // 7: leasehold.v1.ReleaseLeaseRequest
+	(*ReleaseLeaseResponse)(nil),  // 8: leasehold.v1.ReleaseLeaseResponse
+	(*WhoAmIRequest)(nil),         // 9: leasehold.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),        // 10: leasehold.v1.WhoAmIResponse
+	nil,                           // 11: leasehold.v1.AcquireLeaseResponse.SecretEntry
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 13: google.protobuf.Duration
+	(*Task)(nil),                  // 14: leasehold.v1.Task
+	(*Lease)(nil),                 // 15: leasehold.v1.Lease
 }
 var file_leasehold_v1_broker_proto_depIdxs = []int32{
-	9,  // 0: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	10, // 1: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
-	11, // 2: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	8,  // 3: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
-	9,  // 4: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	11, // 5: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	11, // 6: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	0,  // 7: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
-	2,  // 8: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
-	4,  // 9: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
-	6,  // 10: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
-	1,  // 11: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
-	3,  // 12: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
-	5,  // 13: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
-	7,  // 14: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
-	11, // [11:15] is the sub-list for method output_type
-	7,  // [7:11] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	0,  // 0: leasehold.v1.WatchLeasesResponse.event:type_name -> leasehold.v1.LeaseEvent
+	12, // 1: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
+	13, // 2: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	14, // 3: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
+	15, // 4: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	11, // 5: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
+	13, // 6: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	15, // 7: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	15, // 8: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	3,  // 9: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
+	5,  // 10: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
+	7,  // 11: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
+	9,  // 12: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
+	1,  // 13: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
+	4,  // 14: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
+	6,  // 15: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
+	8,  // 16: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
+	10, // 17: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
+	2,  // 18: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
+	14, // [14:19] is the sub-list for method output_type
+	9,  // [9:14] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_broker_proto_init() }
@@ -531,13 +771,14 @@ func file_leasehold_v1_broker_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_broker_proto_rawDesc), len(file_leasehold_v1_broker_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   9,
+			NumEnums:      1,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_leasehold_v1_broker_proto_goTypes,
 		DependencyIndexes: file_leasehold_v1_broker_proto_depIdxs,
+		EnumInfos:         file_leasehold_v1_broker_proto_enumTypes,
 		MessageInfos:      file_leasehold_v1_broker_proto_msgTypes,
 	}.Build()
 	File_leasehold_v1_broker_proto = out.File

@@ -23,6 +23,7 @@ const (
 	BrokerService_RenewLease_FullMethodName   = "/leasehold.v1.BrokerService/RenewLease"
 	BrokerService_ReleaseLease_FullMethodName = "/leasehold.v1.BrokerService/ReleaseLease"
 	BrokerService_WhoAmI_FullMethodName       = "/leasehold.v1.BrokerService/WhoAmI"
+	BrokerService_WatchLeases_FullMethodName  = "/leasehold.v1.BrokerService/WatchLeases"
 )
 
 // BrokerServiceClient is the client API for BrokerService service.
@@ -44,6 +45,12 @@ type BrokerServiceClient interface {
 	ReleaseLease(ctx context.Context, in *ReleaseLeaseRequest, opts ...grpc.CallOption) (*ReleaseLeaseResponse, error)
 	// WhoAmI tells the caller which SPIFFE ID the broker sees.
 	WhoAmI(ctx context.Context, in *WhoAmIRequest, opts ...grpc.CallOption) (*WhoAmIResponse, error)
+	// WatchLeases streams events of the caller's own leases (renewed,
+	// released, expired, revoked) as they are committed, oldest first. The
+	// first message is a sync marker (event UNSPECIFIED) with the sequence the
+	// stream starts after. Reconnecting with the last sequence received
+	// neither skips nor repeats.
+	WatchLeases(ctx context.Context, in *WatchLeasesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchLeasesResponse], error)
 }
 
 type brokerServiceClient struct {
@@ -94,6 +101,25 @@ func (c *brokerServiceClient) WhoAmI(ctx context.Context, in *WhoAmIRequest, opt
 	return out, nil
 }
 
+func (c *brokerServiceClient) WatchLeases(ctx context.Context, in *WatchLeasesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchLeasesResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &BrokerService_ServiceDesc.Streams[0], BrokerService_WatchLeases_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchLeasesRequest, WatchLeasesResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type BrokerService_WatchLeasesClient = grpc.ServerStreamingClient[WatchLeasesResponse]
+
 // BrokerServiceServer is the server API for BrokerService service.
 // All implementations must embed UnimplementedBrokerServiceServer
 // for forward compatibility.
@@ -113,6 +139,12 @@ type BrokerServiceServer interface {
 	ReleaseLease(context.Context, *ReleaseLeaseRequest) (*ReleaseLeaseResponse, error)
 	// WhoAmI tells the caller which SPIFFE ID the broker sees.
 	WhoAmI(context.Context, *WhoAmIRequest) (*WhoAmIResponse, error)
+	// WatchLeases streams events of the caller's own leases (renewed,
+	// released, expired, revoked) as they are committed, oldest first. The
+	// first message is a sync marker (event UNSPECIFIED) with the sequence the
+	// stream starts after. Reconnecting with the last sequence received
+	// neither skips nor repeats.
+	WatchLeases(*WatchLeasesRequest, grpc.ServerStreamingServer[WatchLeasesResponse]) error
 	mustEmbedUnimplementedBrokerServiceServer()
 }
 
@@ -134,6 +166,9 @@ func (UnimplementedBrokerServiceServer) ReleaseLease(context.Context, *ReleaseLe
 }
 func (UnimplementedBrokerServiceServer) WhoAmI(context.Context, *WhoAmIRequest) (*WhoAmIResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method WhoAmI not implemented")
+}
+func (UnimplementedBrokerServiceServer) WatchLeases(*WatchLeasesRequest, grpc.ServerStreamingServer[WatchLeasesResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchLeases not implemented")
 }
 func (UnimplementedBrokerServiceServer) mustEmbedUnimplementedBrokerServiceServer() {}
 func (UnimplementedBrokerServiceServer) testEmbeddedByValue()                       {}
@@ -228,6 +263,17 @@ func _BrokerService_WhoAmI_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BrokerService_WatchLeases_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchLeasesRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(BrokerServiceServer).WatchLeases(m, &grpc.GenericServerStream[WatchLeasesRequest, WatchLeasesResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type BrokerService_WatchLeasesServer = grpc.ServerStreamingServer[WatchLeasesResponse]
+
 // BrokerService_ServiceDesc is the grpc.ServiceDesc for BrokerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -252,6 +298,12 @@ var BrokerService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _BrokerService_WhoAmI_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchLeases",
+			Handler:       _BrokerService_WatchLeases_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "leasehold/v1/broker.proto",
 }
