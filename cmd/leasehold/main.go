@@ -28,6 +28,8 @@ Agent (caller is the SVID in the connection flags):
   release LEASE_ID
   whoami
   health
+  proxy --config FILE              a sidecar: agents send plain HTTP over a unix socket, the proxy
+                                   adds the leased credential and forwards over TLS
 
 Admin:
   credential put NAME [--backend static] [--set k=v]... [--set-file k=PATH]... [--config k=v]... [--description D]
@@ -99,6 +101,8 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdServe(rest, stderr)
 	case "dev":
 		return cmdDev(rest, stdout, stderr)
+	case "proxy":
+		return cmdProxy(rest, conn, stderr)
 	case "acquire", "renew", "release", "whoami", "health":
 		return cmdAgent(verb, rest, conn, stdout, stderr)
 	case "audit", "report", "explain":
