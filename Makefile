@@ -15,7 +15,9 @@ help: ## list targets
 deps: ## install the Debian packages tests need (PostgreSQL), if missing
 	scripts/install-deps.sh
 
-tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger ## install pinned tools into ./bin and tools/buf
+NODE_DEPS := examples/node/node_modules/.package-lock.json
+
+tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
 
 $(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
 	cd tools/proto && GOBIN=$(BIN) go install tool
@@ -26,6 +28,11 @@ grpcurl: $(BIN)/grpcurl ## install only the pinned grpcurl (and protoc plugins) 
 # Jaeger all-in-one for the tracing round-trip test (~4 min cold build).
 $(BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
 	cd tools/jaeger && GOBIN=$(BIN) go install tool
+	@touch $@
+
+# The Node.js example agent's gRPC libraries, for its round-trip test.
+$(NODE_DEPS): examples/node/package.json examples/node/package-lock.json
+	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
