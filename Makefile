@@ -7,7 +7,7 @@ PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
 GO_TEST     ?= go test -race -count=1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help deps tools grpcurl build generate generate-check lint breaking test test-go bench bench-postgres fuzz demo clean
+.PHONY: help deps tools grpcurl build example-orchestrator generate generate-check lint breaking test test-go bench bench-postgres fuzz demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -80,5 +80,8 @@ fuzz: ## run every fuzz target for FUZZTIME each
 demo: build ## dev broker, an agent acquiring/using/releasing a lease, the audit trail
 	LEASEHOLD=$(BIN)/leasehold scripts/demo.sh
 
+example-orchestrator: build ## an orchestrator and two sub-agents doing one task with leases
+	LEASEHOLD=$(BIN)/leasehold scripts/orchestrator.sh
+
 clean: ## remove built binaries and demo state
-	rm -rf $(BIN) .demo
+	rm -rf $(BIN) .demo .demo-orchestrator

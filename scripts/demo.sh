@@ -8,22 +8,9 @@ LEASEHOLD=${LEASEHOLD:-bin/leasehold}
 DIR=${DEMO_DIR:-.demo}
 TD=leasehold.dev
 
-rm -rf "$DIR"
-mkdir -p "$DIR"
-"$LEASEHOLD" dev --dir "$DIR" --listen 127.0.0.1:0 >"$DIR/broker.out" 2>"$DIR/broker.log" &
-broker=$!
-trap 'kill "$broker" 2>/dev/null || true; wait "$broker" 2>/dev/null || true' EXIT
+source "$(dirname "$0")/devbroker.sh"
+start_dev_broker
 
-addr=""
-for _ in $(seq 100); do
-  addr=$(sed -n 's/^Leasehold dev broker on \([^ ]*\) .*/\1/p' "$DIR/broker.out")
-  [ -n "$addr" ] && break
-  kill -0 "$broker" 2>/dev/null || { cat "$DIR/broker.log"; echo "demo: broker exited" >&2; exit 1; }
-  sleep 0.1
-done
-[ -n "$addr" ] || { echo "demo: broker did not start" >&2; exit 1; }
-
-lh() { "$LEASEHOLD" --addr "$addr" --dev-dir "$DIR" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "Dev broker on $addr; SVIDs for admin, agent-1 and agent-2 in $DIR/"

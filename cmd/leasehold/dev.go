@@ -23,6 +23,7 @@ var devIdentities = []struct{ file, path string }{
 	{"admin", "/admin"},
 	{"agent-1", "/agents/agent-1"},
 	{"agent-2", "/agents/agent-2"},
+	{"orchestrator", "/agents/orchestrator"},
 }
 
 func cmdDev(args []string, stdout, stderr io.Writer) error {

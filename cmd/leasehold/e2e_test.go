@@ -181,6 +181,20 @@ func TestDemoScript(t *testing.T) {
 	require.NotContains(t, string(log), strings.TrimSpace(string(key)), "nor does the broker log")
 }
 
+// The example orchestrator's make target: two sub-agents, each leasing only
+// its own credential; the orchestrator itself is refused.
+func TestExampleOrchestrator(t *testing.T) {
+	cmd := exec.Command("bash", "scripts/orchestrator.sh")
+	cmd.Dir = "../.."
+	cmd.Env = append(os.Environ(), "LEASEHOLD="+leaseholdBin, "DEMO_DIR="+filepath.Join(t.TempDir(), "orch"))
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Contains(t, string(out), "agent-1 did report-42/crm with crm/salesforce")
+	require.Contains(t, string(out), "agent-2 did report-42/db with db/warehouse")
+	require.Contains(t, string(out), "orchestrator itself is refused crm/salesforce")
+	require.Regexp(t, `lease_release\s+allow\s+spiffe://leasehold.dev/agents/agent-2`, string(out))
+}
+
 // TestServeWithConfigFile runs `leasehold serve --config` on the files a dev
 // setup writes, and checks the CLI against it.
 func TestServeWithConfigFile(t *testing.T) {
