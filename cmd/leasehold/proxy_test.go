@@ -114,6 +114,10 @@ routes:
 		return code == http.StatusForbidden
 	}, time.Second, 20*time.Millisecond)
 	require.NotContains(t, logs.String(), canary, "nor does the proxy's log")
+	// This test process is the agent: the key is in neither its environment
+	// nor its arguments (the admin put it through a separate CLI process).
+	require.NotContains(t, strings.Join(os.Environ(), "\n"), canary)
+	require.NotContains(t, strings.Join(os.Args, " "), canary)
 }
 
 func flatten(h http.Header) []string {
