@@ -27,6 +27,7 @@ var methodAccess = map[string]access{
 	"/leasehold.v1.BrokerService/RenewLease":   accessPeer,
 	"/leasehold.v1.BrokerService/ReleaseLease": accessPeer,
 	"/leasehold.v1.BrokerService/WhoAmI":       accessPeer,
+	"/leasehold.v1.BrokerService/EndTask":      accessPeer,
 	"/leasehold.v1.BrokerService/WatchLeases":  accessPeer,
 
 	"/leasehold.v1.AdminService/PutCredential":      accessAdmin,
@@ -42,6 +43,7 @@ var methodAccess = map[string]access{
 	"/leasehold.v1.AdminService/ListAgents":         accessAdmin,
 	"/leasehold.v1.AdminService/ListLeases":         accessAdmin,
 	"/leasehold.v1.AdminService/RevokeLease":        accessAdmin,
+	"/leasehold.v1.AdminService/RevokeTask":         accessAdmin,
 	"/leasehold.v1.AdminService/QueryAudit":         accessAdmin,
 	"/leasehold.v1.AdminService/WatchAudit":         accessAdmin,
 	"/leasehold.v1.AdminService/GetAuditCheckpoint": accessAdmin,

@@ -6,13 +6,14 @@ import (
 	"testing"
 
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
 )
 
 // BenchmarkAcquireRelease measures one acquire and one release, each with
 // its fsync'd audit record, over real mTLS on loopback, from parallel
 // agents. Reproduce: make bench (figures in docs/benchmarks.md).
 func BenchmarkAcquireRelease(b *testing.B) {
-	e := newEnv(b)
+	e := newEnv(b, noQuotas)
 	e.putStatic("bench/key", map[string]string{"api_key": "k"})
 	e.grant("bench/key", agent1ID, "read")
 	var n atomic.Int64
@@ -45,3 +46,6 @@ func BenchmarkWhoAmI(b *testing.B) {
 		}
 	})
 }
+
+// noQuotas turns the default quotas off, for load.
+func noQuotas(c *server.Config) { c.AcquireRate, c.MaxActiveLeasesPerAgent = -1, -1 }

@@ -101,6 +101,8 @@ var auditEvents = map[store.AuditEvent]leaseholdv1.AuditEvent{
 	store.EventAccessDeny:       leaseholdv1.AuditEvent_AUDIT_EVENT_ACCESS_DENY,
 	store.EventAuditPrune:       leaseholdv1.AuditEvent_AUDIT_EVENT_AUDIT_PRUNE,
 	store.EventCredentialRotate: leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE,
+	store.EventTaskEnd:          leaseholdv1.AuditEvent_AUDIT_EVENT_TASK_END,
+	store.EventTaskRevoke:       leaseholdv1.AuditEvent_AUDIT_EVENT_TASK_REVOKE,
 }
 
 func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {

@@ -180,6 +180,10 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		p       *policy
 		version *store.CredentialVersion
 	)
+	if !s.limits.allow(agent, req.GetCredential()) {
+		return nil, s.deny(ctx, rec, errQuota("%s is acquiring %q faster than %v per second; slow down",
+			agent, req.GetCredential(), s.cfg.AcquireRate))
+	}
 	pctx, pspan := s.startSpan(ctx, "policy.evaluate")
 	err = s.store.View(pctx, func(tx store.ReadTx) error {
 		var err error
@@ -268,6 +272,9 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 			}
 			return err
 		}
+		if err := s.checkQuotas(tx, agent, lease.TaskID); err != nil {
+			return err
+		}
 		if err := touchAgent(tx, agent, now); err != nil {
 			return err
 		}
@@ -281,7 +288,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		// Nothing durable says this artifact exists: destroy it now.
 		s.revokeNow(ctx, lease, issued.Artifact, spec)
 		var ae *apiError
-		if errors.As(err, &ae) && ae.code == codes.PermissionDenied {
+		if errors.As(err, &ae) && (ae.code == codes.PermissionDenied || ae.code == codes.ResourceExhausted) {
 			return nil, s.deny(ctx, rec, err)
 		}
 		return nil, s.writeFailed(ctx, err)

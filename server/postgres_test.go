@@ -39,7 +39,7 @@ func pgEnvB(t testing.TB) (*env, *pgtest.Cluster) {
 	c.Exec(t, "GRANT USAGE ON SCHEMA app TO app_write")
 	c.Exec(t, "GRANT INSERT ON ALL TABLES IN SCHEMA app TO app_write")
 	c.Exec(t, "GRANT USAGE ON ALL SEQUENCES IN SCHEMA app TO app_write")
-	e := newEnv(t, func(cfg *server.Config) {
+	e := newEnv(t, noQuotas, func(cfg *server.Config) {
 		cfg.RevocationMinBackoff, cfg.RevocationMaxBackoff, cfg.RevocationPoll = 50*time.Millisecond, 200*time.Millisecond, 50*time.Millisecond
 	})
 	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/analytics", Backend: "postgres",

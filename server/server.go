@@ -21,6 +21,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -73,6 +74,16 @@ type Config struct {
 	RevocationMinBackoff time.Duration
 	RevocationMaxBackoff time.Duration
 	RevocationPoll       time.Duration
+	// Quotas; a negative value turns one off. Exceeding one is
+	// ResourceExhausted, audited as a denial.
+	// MaxActiveLeasesPerAgent caps an agent's active leases (default 1000).
+	MaxActiveLeasesPerAgent int
+	// MaxLeasesPerTask caps the leases one task id may ever get (default: off).
+	MaxLeasesPerTask int
+	// AcquireRate and AcquireBurst bound acquires per agent and credential
+	// (a token bucket; defaults 20/s, burst 40).
+	AcquireRate  float64
+	AcquireBurst int
 }
 
 func (c *Config) setDefaults() {
@@ -105,6 +116,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.RevocationPoll == 0 {
 		c.RevocationPoll = time.Second
+	}
+	if c.MaxActiveLeasesPerAgent == 0 {
+		c.MaxActiveLeasesPerAgent = 1000
+	}
+	if c.AcquireRate == 0 {
+		c.AcquireRate, c.AcquireBurst = 20, 40
 	}
 }
 
@@ -164,6 +181,7 @@ type Server struct {
 	now      func() time.Time
 	tracer   trace.Tracer
 	metrics  *metrics
+	limits   *limiters
 	sinks    []AuditSink
 	grpc     *grpc.Server
 	health   *health.Server
@@ -215,6 +233,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		health: health.NewServer(),
 		tracer: deps.TracerProvider.Tracer(instrumentationName),
 		sinks:  deps.AuditSinks,
+		limits: &limiters{every: rate.Limit(cfg.AcquireRate), burst: max(cfg.AcquireBurst, 1), m: map[string]*rate.Limiter{}},
 	}
 	var err error
 	if s.metrics, err = newMetrics(deps.MeterProvider, deps.Store); err != nil {

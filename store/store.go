@@ -271,8 +271,11 @@ func (l *Lease) Active(now time.Time) bool {
 
 // LeaseFilter selects leases. Empty fields do not filter.
 type LeaseFilter struct {
-	AgentID    string
-	TaskID     string
+	AgentID string
+	TaskID  string
+	// TaskTree selects the task and its subtasks: ids equal to it or
+	// extending it with "/" (e.g. "report-42" and "report-42/crm").
+	TaskTree   string
 	GrantID    string
 	Credential string
 	ActiveOnly bool
@@ -296,6 +299,8 @@ const (
 	EventAccessDeny       AuditEvent = "access.deny"
 	EventAuditPrune       AuditEvent = "audit.prune"
 	EventCredentialRotate AuditEvent = "credential.rotate"
+	EventTaskEnd          AuditEvent = "task.end"
+	EventTaskRevoke       AuditEvent = "task.revoke"
 )
 
 // Decision is the outcome an audit record holds.

@@ -174,6 +174,20 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	case "lease list":
 		r, err := admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: *agent, TaskId: *task, ActiveOnly: *active, PageSize: int32(*limit), PageToken: *pageToken})
 		return emit(stdout, r, err)
+	case "task revoke":
+		id, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := admin.RevokeTask(ctx, &leaseholdv1.RevokeTaskRequest{TaskId: id, Reason: *reason})
+		return emit(stdout, r, err)
+	case "task end":
+		id, err := one()
+		if err != nil {
+			return err
+		}
+		r, err := leaseholdv1.NewBrokerServiceClient(cc).EndTask(ctx, &leaseholdv1.EndTaskRequest{TaskId: id})
+		return emit(stdout, r, err)
 	case "lease revoke":
 		id, err := one()
 		if err != nil {

@@ -84,12 +84,21 @@ type StoreConfig struct {
 	Path string `yaml:"path"`
 }
 
-// LeaseConfig bounds leases.
+// LeaseConfig bounds leases. Quotas: zero takes the default, a negative
+// value turns the quota off.
 type LeaseConfig struct {
 	DefaultTTL     time.Duration `yaml:"default_ttl"`
 	MaxTTL         time.Duration `yaml:"max_ttl"`
 	MaxLifetime    time.Duration `yaml:"max_lifetime"`
 	ReaperInterval time.Duration `yaml:"reaper_interval"`
+	// MaxActivePerAgent caps an agent's active leases (default 1000).
+	MaxActivePerAgent int `yaml:"max_active_per_agent"`
+	// MaxPerTask caps the leases one task id may get (default off).
+	MaxPerTask int `yaml:"max_per_task"`
+	// AcquireRate (per second) and AcquireBurst bound acquires per agent and
+	// credential (defaults 20 and 40).
+	AcquireRate  float64 `yaml:"acquire_rate"`
+	AcquireBurst int     `yaml:"acquire_burst"`
 }
 
 // LogConfig shapes the log on stderr.

@@ -38,6 +38,8 @@ Admin:
   grant list [--credential C] | grant delete GRANT_ID
   agent revoke SPIFFE_ID --reason R | agent reinstate SPIFFE_ID | agent list [--revoked]
   lease list [--agent ID] [--task T] [--active] | lease revoke LEASE_ID [--reason R]
+  task revoke TASK_ID --reason R   revoke every lease of a task and its subtasks (TASK_ID/...)
+  task end TASK_ID                 (as an agent) release your leases for a task and its subtasks
   audit query [--agent ID] [--credential C] [--task T] [--lease L] [--trace ID] [--decision allow|deny]
               [--since D] [--until D] [--oldest-first] [--limit N] [--format table|json]
   audit watch [same filters] [--after SEQ | --from-now] [--format table|json]
@@ -107,7 +109,7 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdAgent(verb, rest, conn, stdout, stderr)
 	case "audit", "report", "explain":
 		return cmdAudit(verb, rest, conn, stdout, stderr)
-	case "credential", "grant", "agent", "lease":
+	case "credential", "grant", "agent", "lease", "task":
 		if len(rest) == 0 {
 			return usageErr("%s needs a sub-command", verb)
 		}

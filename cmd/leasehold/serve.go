@@ -115,6 +115,8 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		DefaultTTL: cfg.Leases.DefaultTTL, MaxTTL: cfg.Leases.MaxTTL, MaxLifetime: cfg.Leases.MaxLifetime,
 		ReaperInterval: cfg.Leases.ReaperInterval, AuditDeadline: cfg.Audit.Deadline,
 		RetentionMaxAge: cfg.Audit.Retention.MaxAge, RetentionMaxRecords: cfg.Audit.Retention.MaxRecords,
+		MaxActiveLeasesPerAgent: cfg.Leases.MaxActivePerAgent, MaxLeasesPerTask: cfg.Leases.MaxPerTask,
+		AcquireRate: cfg.Leases.AcquireRate, AcquireBurst: cfg.Leases.AcquireBurst,
 	}, server.Deps{
 		Store: st, Backends: reg, Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -492,8 +493,11 @@ func (t *boltTx) ActiveLeaseCount() (int64, error) {
 }
 
 func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*store.Lease, error) {
+	inTree := func(task string) bool {
+		return f.TaskTree == "" || task == f.TaskTree || strings.HasPrefix(task, f.TaskTree+"/")
+	}
 	match := func(l *store.Lease) bool {
-		return (f.AgentID == "" || l.AgentID == f.AgentID) &&
+		return inTree(l.TaskID) && (f.AgentID == "" || l.AgentID == f.AgentID) &&
 			(f.TaskID == "" || l.TaskID == f.TaskID) &&
 			(f.GrantID == "" || l.GrantID == f.GrantID) &&
 			(f.Credential == "" || l.Credential == f.Credential) &&
@@ -507,6 +511,32 @@ func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*st
 			ix, value = &leaseIndexes[i], v
 			break
 		}
+	}
+	if ix == nil && f.TaskTree != "" {
+		// Walk the task index from the tree's root over every task id that
+		// starts with it, keeping the root and its "/" descendants.
+		c := t.tx.Bucket(bLeaseByTask).Cursor()
+		root := []byte(f.TaskTree)
+		for k, v := c.Seek(root); k != nil && bytes.HasPrefix(k, root); k, v = c.Next() {
+			i := bytes.IndexByte(k, 0)
+			if i < 0 || !inTree(string(k[:i])) || (after != "" && string(k[i+1:]) <= after) {
+				continue
+			}
+			if f.ActiveOnly && (len(v) != 1 || store.LeaseState(v[0]) != store.LeaseActive) {
+				continue
+			}
+			l, err := t.GetLease(string(k[i+1:]))
+			if err != nil {
+				return nil, err
+			}
+			if match(l) {
+				out = append(out, l)
+				if limit > 0 && len(out) >= limit {
+					break
+				}
+			}
+		}
+		return out, nil
 	}
 	if ix == nil {
 		all, err := list[store.Lease](t.tx.Bucket(bLeases), after, 0, "lease")

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"testing"
 	"time"
 
@@ -221,6 +222,21 @@ func testLeaseIndexes(t *testing.T, s store.Store) {
 		require.ErrorIs(t, err, store.ErrNotFound)
 		return nil
 	})
+	update(t, s, func(tx store.Tx) error {
+		for _, l := range []*store.Lease{
+			lease("ls_5", "spiffe://td/a", "t1/sub", store.LeaseActive, exp),
+			lease("ls_6", "spiffe://td/b", "t1/sub/deeper", store.LeaseActive, exp),
+			lease("ls_7", "spiffe://td/a", "t10", store.LeaseActive, exp),
+		} {
+			if err := tx.PutLease(l); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	require.Equal(t, []string{"ls_1", "ls_3", "ls_4", "ls_5", "ls_6"}, sorted(ids(store.LeaseFilter{TaskTree: "t1"}, "", 0)), "t1 and its subtasks, not t10")
+	require.Equal(t, []string{"ls_1", "ls_4", "ls_5"}, sorted(ids(store.LeaseFilter{TaskTree: "t1", AgentID: "spiffe://td/a"}, "", 0)))
+	require.Equal(t, []string{"ls_5", "ls_6"}, sorted(ids(store.LeaseFilter{TaskTree: "t1/sub"}, "", 0)))
 }
 
 func testExpiryIndex(t *testing.T, s store.Store) {
@@ -427,6 +443,12 @@ func testClosed(t *testing.T, s store.Store) {
 	require.ErrorIs(t, s.View(ctx, func(store.ReadTx) error { return nil }), store.ErrClosed)
 	require.ErrorIs(t, s.Update(ctx, func(store.Tx) error { return nil }), store.ErrClosed)
 	require.Error(t, s.Ready(ctx))
+}
+
+func sorted(xs []string) []string {
+	out := append([]string(nil), xs...)
+	sort.Strings(out)
+	return out
 }
 
 func names[T any](xs []T, key func(T) string) []string {

@@ -1358,6 +1358,103 @@ func (x *RevokeLeaseResponse) GetLease() *Lease {
 	return nil
 }
 
+type RevokeTaskRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	TaskId string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	// Recorded in the audit trail and on the ended leases. Required.
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTaskRequest) Reset() {
+	*x = RevokeTaskRequest{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTaskRequest) ProtoMessage() {}
+
+func (x *RevokeTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTaskRequest.ProtoReflect.Descriptor instead.
+func (*RevokeTaskRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RevokeTaskRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *RevokeTaskRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type RevokeTaskResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LeasesRevoked int32                  `protobuf:"varint,1,opt,name=leases_revoked,json=leasesRevoked,proto3" json:"leases_revoked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTaskResponse) Reset() {
+	*x = RevokeTaskResponse{}
+	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTaskResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTaskResponse) ProtoMessage() {}
+
+func (x *RevokeTaskResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTaskResponse.ProtoReflect.Descriptor instead.
+func (*RevokeTaskResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RevokeTaskResponse) GetLeasesRevoked() int32 {
+	if x != nil {
+		return x.LeasesRevoked
+	}
+	return 0
+}
+
 type QueryAuditRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Filters, all optional and combined with AND.
@@ -1382,7 +1479,7 @@ type QueryAuditRequest struct {
 
 func (x *QueryAuditRequest) Reset() {
 	*x = QueryAuditRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1394,7 +1491,7 @@ func (x *QueryAuditRequest) String() string {
 func (*QueryAuditRequest) ProtoMessage() {}
 
 func (x *QueryAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[26]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1407,7 +1504,7 @@ func (x *QueryAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryAuditRequest.ProtoReflect.Descriptor instead.
 func (*QueryAuditRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{26}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *QueryAuditRequest) GetAgentId() string {
@@ -1497,7 +1594,7 @@ type QueryAuditResponse struct {
 
 func (x *QueryAuditResponse) Reset() {
 	*x = QueryAuditResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +1606,7 @@ func (x *QueryAuditResponse) String() string {
 func (*QueryAuditResponse) ProtoMessage() {}
 
 func (x *QueryAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[27]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +1619,7 @@ func (x *QueryAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryAuditResponse.ProtoReflect.Descriptor instead.
 func (*QueryAuditResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{27}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *QueryAuditResponse) GetRecords() []*AuditRecord {
@@ -1558,7 +1655,7 @@ type WatchAuditRequest struct {
 
 func (x *WatchAuditRequest) Reset() {
 	*x = WatchAuditRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1570,7 +1667,7 @@ func (x *WatchAuditRequest) String() string {
 func (*WatchAuditRequest) ProtoMessage() {}
 
 func (x *WatchAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[28]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1583,7 +1680,7 @@ func (x *WatchAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAuditRequest.ProtoReflect.Descriptor instead.
 func (*WatchAuditRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{28}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WatchAuditRequest) GetAgentId() string {
@@ -1651,7 +1748,7 @@ type WatchAuditResponse struct {
 
 func (x *WatchAuditResponse) Reset() {
 	*x = WatchAuditResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1663,7 +1760,7 @@ func (x *WatchAuditResponse) String() string {
 func (*WatchAuditResponse) ProtoMessage() {}
 
 func (x *WatchAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[29]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1676,7 +1773,7 @@ func (x *WatchAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAuditResponse.ProtoReflect.Descriptor instead.
 func (*WatchAuditResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{29}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WatchAuditResponse) GetRecord() *AuditRecord {
@@ -1694,7 +1791,7 @@ type GetAuditCheckpointRequest struct {
 
 func (x *GetAuditCheckpointRequest) Reset() {
 	*x = GetAuditCheckpointRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1706,7 +1803,7 @@ func (x *GetAuditCheckpointRequest) String() string {
 func (*GetAuditCheckpointRequest) ProtoMessage() {}
 
 func (x *GetAuditCheckpointRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[30]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1719,7 +1816,7 @@ func (x *GetAuditCheckpointRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAuditCheckpointRequest.ProtoReflect.Descriptor instead.
 func (*GetAuditCheckpointRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{30}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{32}
 }
 
 type GetAuditCheckpointResponse struct {
@@ -1731,7 +1828,7 @@ type GetAuditCheckpointResponse struct {
 
 func (x *GetAuditCheckpointResponse) Reset() {
 	*x = GetAuditCheckpointResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1743,7 +1840,7 @@ func (x *GetAuditCheckpointResponse) String() string {
 func (*GetAuditCheckpointResponse) ProtoMessage() {}
 
 func (x *GetAuditCheckpointResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[31]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1756,7 +1853,7 @@ func (x *GetAuditCheckpointResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAuditCheckpointResponse.ProtoReflect.Descriptor instead.
 func (*GetAuditCheckpointResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{31}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetAuditCheckpointResponse) GetCheckpoint() *AuditCheckpoint {
@@ -1780,7 +1877,7 @@ type VerifyAuditRequest struct {
 
 func (x *VerifyAuditRequest) Reset() {
 	*x = VerifyAuditRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1792,7 +1889,7 @@ func (x *VerifyAuditRequest) String() string {
 func (*VerifyAuditRequest) ProtoMessage() {}
 
 func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[32]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1805,7 +1902,7 @@ func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
 func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{32}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *VerifyAuditRequest) GetFromSequence() uint64 {
@@ -1850,7 +1947,7 @@ type VerifyAuditResponse struct {
 
 func (x *VerifyAuditResponse) Reset() {
 	*x = VerifyAuditResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1862,7 +1959,7 @@ func (x *VerifyAuditResponse) String() string {
 func (*VerifyAuditResponse) ProtoMessage() {}
 
 func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[33]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1875,7 +1972,7 @@ func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
 func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{33}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *VerifyAuditResponse) GetOk() bool {
@@ -1933,7 +2030,7 @@ type ExplainAccessRequest struct {
 
 func (x *ExplainAccessRequest) Reset() {
 	*x = ExplainAccessRequest{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[34]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1945,7 +2042,7 @@ func (x *ExplainAccessRequest) String() string {
 func (*ExplainAccessRequest) ProtoMessage() {}
 
 func (x *ExplainAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[34]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1958,7 +2055,7 @@ func (x *ExplainAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainAccessRequest.ProtoReflect.Descriptor instead.
 func (*ExplainAccessRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{34}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ExplainAccessRequest) GetAgentId() string {
@@ -2006,7 +2103,7 @@ type ExplainAccessResponse struct {
 
 func (x *ExplainAccessResponse) Reset() {
 	*x = ExplainAccessResponse{}
-	mi := &file_leasehold_v1_admin_proto_msgTypes[35]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2018,7 +2115,7 @@ func (x *ExplainAccessResponse) String() string {
 func (*ExplainAccessResponse) ProtoMessage() {}
 
 func (x *ExplainAccessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_admin_proto_msgTypes[35]
+	mi := &file_leasehold_v1_admin_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2031,7 +2128,7 @@ func (x *ExplainAccessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainAccessResponse.ProtoReflect.Descriptor instead.
 func (*ExplainAccessResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{35}
+	return file_leasehold_v1_admin_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ExplainAccessResponse) GetAllowed() bool {
@@ -2166,7 +2263,12 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
 	"\x13RevokeLeaseResponse\x12)\n" +
-	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"\xa2\x03\n" +
+	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"D\n" +
+	"\x11RevokeTaskRequest\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\";\n" +
+	"\x12RevokeTaskResponse\x12%\n" +
+	"\x0eleases_revoked\x18\x01 \x01(\x05R\rleasesRevoked\"\xa2\x03\n" +
 	"\x11QueryAuditRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
@@ -2229,7 +2331,7 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\x12)\n" +
 	"\x05grant\x18\x04 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\x12<\n" +
-	"\x0fmatching_grants\x18\x05 \x03(\v2\x13.leasehold.v1.GrantR\x0ematchingGrants2\xc3\f\n" +
+	"\x0fmatching_grants\x18\x05 \x03(\v2\x13.leasehold.v1.GrantR\x0ematchingGrants2\x94\r\n" +
 	"\fAdminService\x12X\n" +
 	"\rPutCredential\x12\".leasehold.v1.PutCredentialRequest\x1a#.leasehold.v1.PutCredentialResponse\x12X\n" +
 	"\rGetCredential\x12\".leasehold.v1.GetCredentialRequest\x1a#.leasehold.v1.GetCredentialResponse\x12^\n" +
@@ -2247,6 +2349,8 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"ListLeases\x12\x1f.leasehold.v1.ListLeasesRequest\x1a .leasehold.v1.ListLeasesResponse\x12R\n" +
 	"\vRevokeLease\x12 .leasehold.v1.RevokeLeaseRequest\x1a!.leasehold.v1.RevokeLeaseResponse\x12O\n" +
+	"\n" +
+	"RevokeTask\x12\x1f.leasehold.v1.RevokeTaskRequest\x1a .leasehold.v1.RevokeTaskResponse\x12O\n" +
 	"\n" +
 	"QueryAudit\x12\x1f.leasehold.v1.QueryAuditRequest\x1a .leasehold.v1.QueryAuditResponse\x12Q\n" +
 	"\n" +
@@ -2267,7 +2371,7 @@ func file_leasehold_v1_admin_proto_rawDescGZIP() []byte {
 	return file_leasehold_v1_admin_proto_rawDescData
 }
 
-var file_leasehold_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_leasehold_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_leasehold_v1_admin_proto_goTypes = []any{
 	(*PutCredentialRequest)(nil),       // 0: leasehold.v1.PutCredentialRequest
 	(*PutCredentialResponse)(nil),      // 1: leasehold.v1.PutCredentialResponse
@@ -2295,56 +2399,58 @@ var file_leasehold_v1_admin_proto_goTypes = []any{
 	(*ListLeasesResponse)(nil),         // 23: leasehold.v1.ListLeasesResponse
 	(*RevokeLeaseRequest)(nil),         // 24: leasehold.v1.RevokeLeaseRequest
 	(*RevokeLeaseResponse)(nil),        // 25: leasehold.v1.RevokeLeaseResponse
-	(*QueryAuditRequest)(nil),          // 26: leasehold.v1.QueryAuditRequest
-	(*QueryAuditResponse)(nil),         // 27: leasehold.v1.QueryAuditResponse
-	(*WatchAuditRequest)(nil),          // 28: leasehold.v1.WatchAuditRequest
-	(*WatchAuditResponse)(nil),         // 29: leasehold.v1.WatchAuditResponse
-	(*GetAuditCheckpointRequest)(nil),  // 30: leasehold.v1.GetAuditCheckpointRequest
-	(*GetAuditCheckpointResponse)(nil), // 31: leasehold.v1.GetAuditCheckpointResponse
-	(*VerifyAuditRequest)(nil),         // 32: leasehold.v1.VerifyAuditRequest
-	(*VerifyAuditResponse)(nil),        // 33: leasehold.v1.VerifyAuditResponse
-	(*ExplainAccessRequest)(nil),       // 34: leasehold.v1.ExplainAccessRequest
-	(*ExplainAccessResponse)(nil),      // 35: leasehold.v1.ExplainAccessResponse
-	nil,                                // 36: leasehold.v1.PutCredentialRequest.ConfigEntry
-	nil,                                // 37: leasehold.v1.PutCredentialRequest.SecretEntry
-	(*Credential)(nil),                 // 38: leasehold.v1.Credential
-	(*Grant)(nil),                      // 39: leasehold.v1.Grant
-	(*Agent)(nil),                      // 40: leasehold.v1.Agent
-	(*Lease)(nil),                      // 41: leasehold.v1.Lease
-	(Decision)(0),                      // 42: leasehold.v1.Decision
-	(*timestamppb.Timestamp)(nil),      // 43: google.protobuf.Timestamp
-	(*AuditRecord)(nil),                // 44: leasehold.v1.AuditRecord
-	(*AuditCheckpoint)(nil),            // 45: leasehold.v1.AuditCheckpoint
-	(*durationpb.Duration)(nil),        // 46: google.protobuf.Duration
+	(*RevokeTaskRequest)(nil),          // 26: leasehold.v1.RevokeTaskRequest
+	(*RevokeTaskResponse)(nil),         // 27: leasehold.v1.RevokeTaskResponse
+	(*QueryAuditRequest)(nil),          // 28: leasehold.v1.QueryAuditRequest
+	(*QueryAuditResponse)(nil),         // 29: leasehold.v1.QueryAuditResponse
+	(*WatchAuditRequest)(nil),          // 30: leasehold.v1.WatchAuditRequest
+	(*WatchAuditResponse)(nil),         // 31: leasehold.v1.WatchAuditResponse
+	(*GetAuditCheckpointRequest)(nil),  // 32: leasehold.v1.GetAuditCheckpointRequest
+	(*GetAuditCheckpointResponse)(nil), // 33: leasehold.v1.GetAuditCheckpointResponse
+	(*VerifyAuditRequest)(nil),         // 34: leasehold.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),        // 35: leasehold.v1.VerifyAuditResponse
+	(*ExplainAccessRequest)(nil),       // 36: leasehold.v1.ExplainAccessRequest
+	(*ExplainAccessResponse)(nil),      // 37: leasehold.v1.ExplainAccessResponse
+	nil,                                // 38: leasehold.v1.PutCredentialRequest.ConfigEntry
+	nil,                                // 39: leasehold.v1.PutCredentialRequest.SecretEntry
+	(*Credential)(nil),                 // 40: leasehold.v1.Credential
+	(*Grant)(nil),                      // 41: leasehold.v1.Grant
+	(*Agent)(nil),                      // 42: leasehold.v1.Agent
+	(*Lease)(nil),                      // 43: leasehold.v1.Lease
+	(Decision)(0),                      // 44: leasehold.v1.Decision
+	(*timestamppb.Timestamp)(nil),      // 45: google.protobuf.Timestamp
+	(*AuditRecord)(nil),                // 46: leasehold.v1.AuditRecord
+	(*AuditCheckpoint)(nil),            // 47: leasehold.v1.AuditCheckpoint
+	(*durationpb.Duration)(nil),        // 48: google.protobuf.Duration
 }
 var file_leasehold_v1_admin_proto_depIdxs = []int32{
-	36, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
-	37, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
-	38, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	38, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	38, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
-	38, // 5: leasehold.v1.RotateCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	39, // 6: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
-	39, // 7: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
-	39, // 8: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
-	40, // 9: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
-	40, // 10: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
-	40, // 11: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
-	41, // 12: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
-	41, // 13: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	42, // 14: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
-	43, // 15: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
-	43, // 16: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
-	44, // 17: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
-	42, // 18: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
-	44, // 19: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
-	45, // 20: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
-	45, // 21: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
-	45, // 22: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
-	45, // 23: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
-	46, // 24: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
-	39, // 25: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
-	39, // 26: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
+	38, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
+	39, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
+	40, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	40, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	40, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
+	40, // 5: leasehold.v1.RotateCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	41, // 6: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
+	41, // 7: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
+	41, // 8: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
+	42, // 9: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
+	42, // 10: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
+	42, // 11: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
+	43, // 12: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
+	43, // 13: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	44, // 14: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
+	45, // 15: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
+	45, // 16: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
+	46, // 17: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
+	44, // 18: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
+	46, // 19: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
+	47, // 20: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
+	47, // 21: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
+	47, // 22: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
+	47, // 23: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
+	48, // 24: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
+	41, // 25: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
+	41, // 26: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
 	0,  // 27: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
 	2,  // 28: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
 	4,  // 29: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
@@ -2358,31 +2464,33 @@ var file_leasehold_v1_admin_proto_depIdxs = []int32{
 	20, // 37: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
 	22, // 38: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
 	24, // 39: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
-	26, // 40: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
-	28, // 41: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
-	30, // 42: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
-	32, // 43: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
-	34, // 44: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
-	1,  // 45: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
-	3,  // 46: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
-	5,  // 47: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
-	9,  // 48: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
-	7,  // 49: leasehold.v1.AdminService.RotateCredential:output_type -> leasehold.v1.RotateCredentialResponse
-	11, // 50: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
-	13, // 51: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
-	15, // 52: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
-	17, // 53: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
-	19, // 54: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
-	21, // 55: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
-	23, // 56: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
-	25, // 57: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
-	27, // 58: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
-	29, // 59: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
-	31, // 60: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
-	33, // 61: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
-	35, // 62: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
-	45, // [45:63] is the sub-list for method output_type
-	27, // [27:45] is the sub-list for method input_type
+	26, // 40: leasehold.v1.AdminService.RevokeTask:input_type -> leasehold.v1.RevokeTaskRequest
+	28, // 41: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
+	30, // 42: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
+	32, // 43: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
+	34, // 44: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
+	36, // 45: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
+	1,  // 46: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
+	3,  // 47: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
+	5,  // 48: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
+	9,  // 49: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
+	7,  // 50: leasehold.v1.AdminService.RotateCredential:output_type -> leasehold.v1.RotateCredentialResponse
+	11, // 51: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
+	13, // 52: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
+	15, // 53: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
+	17, // 54: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
+	19, // 55: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
+	21, // 56: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
+	23, // 57: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
+	25, // 58: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
+	27, // 59: leasehold.v1.AdminService.RevokeTask:output_type -> leasehold.v1.RevokeTaskResponse
+	29, // 60: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
+	31, // 61: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
+	33, // 62: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
+	35, // 63: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
+	37, // 64: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
+	46, // [46:65] is the sub-list for method output_type
+	27, // [27:46] is the sub-list for method input_type
 	27, // [27:27] is the sub-list for extension type_name
 	27, // [27:27] is the sub-list for extension extendee
 	0,  // [0:27] is the sub-list for field type_name
@@ -2400,7 +2508,7 @@ func file_leasehold_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_admin_proto_rawDesc), len(file_leasehold_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   38,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,7 @@ const (
 	AdminService_ListAgents_FullMethodName         = "/leasehold.v1.AdminService/ListAgents"
 	AdminService_ListLeases_FullMethodName         = "/leasehold.v1.AdminService/ListLeases"
 	AdminService_RevokeLease_FullMethodName        = "/leasehold.v1.AdminService/RevokeLease"
+	AdminService_RevokeTask_FullMethodName         = "/leasehold.v1.AdminService/RevokeTask"
 	AdminService_QueryAudit_FullMethodName         = "/leasehold.v1.AdminService/QueryAudit"
 	AdminService_WatchAudit_FullMethodName         = "/leasehold.v1.AdminService/WatchAudit"
 	AdminService_GetAuditCheckpoint_FullMethodName = "/leasehold.v1.AdminService/GetAuditCheckpoint"
@@ -72,6 +73,9 @@ type AdminServiceClient interface {
 	ListAgents(ctx context.Context, in *ListAgentsRequest, opts ...grpc.CallOption) (*ListAgentsResponse, error)
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
 	RevokeLease(ctx context.Context, in *RevokeLeaseRequest, opts ...grpc.CallOption) (*RevokeLeaseResponse, error)
+	// RevokeTask revokes every active lease of the task and its subtasks
+	// (task ids extending it with "/"), whoever holds them.
+	RevokeTask(ctx context.Context, in *RevokeTaskRequest, opts ...grpc.CallOption) (*RevokeTaskResponse, error)
 	// QueryAudit answers "which agents accessed which credentials, when, and
 	// for what purpose", newest first (or oldest first), from indexes.
 	QueryAudit(ctx context.Context, in *QueryAuditRequest, opts ...grpc.CallOption) (*QueryAuditResponse, error)
@@ -228,6 +232,16 @@ func (c *adminServiceClient) RevokeLease(ctx context.Context, in *RevokeLeaseReq
 	return out, nil
 }
 
+func (c *adminServiceClient) RevokeTask(ctx context.Context, in *RevokeTaskRequest, opts ...grpc.CallOption) (*RevokeTaskResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeTaskResponse)
+	err := c.cc.Invoke(ctx, AdminService_RevokeTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminServiceClient) QueryAudit(ctx context.Context, in *QueryAuditRequest, opts ...grpc.CallOption) (*QueryAuditResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(QueryAuditResponse)
@@ -320,6 +334,9 @@ type AdminServiceServer interface {
 	ListAgents(context.Context, *ListAgentsRequest) (*ListAgentsResponse, error)
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
 	RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error)
+	// RevokeTask revokes every active lease of the task and its subtasks
+	// (task ids extending it with "/"), whoever holds them.
+	RevokeTask(context.Context, *RevokeTaskRequest) (*RevokeTaskResponse, error)
 	// QueryAudit answers "which agents accessed which credentials, when, and
 	// for what purpose", newest first (or oldest first), from indexes.
 	QueryAudit(context.Context, *QueryAuditRequest) (*QueryAuditResponse, error)
@@ -384,6 +401,9 @@ func (UnimplementedAdminServiceServer) ListLeases(context.Context, *ListLeasesRe
 }
 func (UnimplementedAdminServiceServer) RevokeLease(context.Context, *RevokeLeaseRequest) (*RevokeLeaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RevokeLease not implemented")
+}
+func (UnimplementedAdminServiceServer) RevokeTask(context.Context, *RevokeTaskRequest) (*RevokeTaskResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeTask not implemented")
 }
 func (UnimplementedAdminServiceServer) QueryAudit(context.Context, *QueryAuditRequest) (*QueryAuditResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method QueryAudit not implemented")
@@ -655,6 +675,24 @@ func _AdminService_RevokeLease_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AdminService_RevokeTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServiceServer).RevokeTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AdminService_RevokeTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServiceServer).RevokeTask(ctx, req.(*RevokeTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AdminService_QueryAudit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(QueryAuditRequest)
 	if err := dec(in); err != nil {
@@ -796,6 +834,10 @@ var AdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevokeLease",
 			Handler:    _AdminService_RevokeLease_Handler,
+		},
+		{
+			MethodName: "RevokeTask",
+			Handler:    _AdminService_RevokeTask_Handler,
 		},
 		{
 			MethodName: "QueryAudit",

@@ -84,6 +84,94 @@ func (LeaseEvent) EnumDescriptor() ([]byte, []int) {
 	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
 }
 
+type EndTaskRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndTaskRequest) Reset() {
+	*x = EndTaskRequest{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndTaskRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndTaskRequest) ProtoMessage() {}
+
+func (x *EndTaskRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndTaskRequest.ProtoReflect.Descriptor instead.
+func (*EndTaskRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *EndTaskRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+type EndTaskResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	LeasesEnded   int32                  `protobuf:"varint,1,opt,name=leases_ended,json=leasesEnded,proto3" json:"leases_ended,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndTaskResponse) Reset() {
+	*x = EndTaskResponse{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndTaskResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndTaskResponse) ProtoMessage() {}
+
+func (x *EndTaskResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndTaskResponse.ProtoReflect.Descriptor instead.
+func (*EndTaskResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *EndTaskResponse) GetLeasesEnded() int32 {
+	if x != nil {
+		return x.LeasesEnded
+	}
+	return 0
+}
+
 type WatchLeasesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Stream events after this sequence (of the audit trail); 0 from the start.
@@ -96,7 +184,7 @@ type WatchLeasesRequest struct {
 
 func (x *WatchLeasesRequest) Reset() {
 	*x = WatchLeasesRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -108,7 +196,7 @@ func (x *WatchLeasesRequest) String() string {
 func (*WatchLeasesRequest) ProtoMessage() {}
 
 func (x *WatchLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -121,7 +209,7 @@ func (x *WatchLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchLeasesRequest.ProtoReflect.Descriptor instead.
 func (*WatchLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *WatchLeasesRequest) GetAfterSequence() uint64 {
@@ -154,7 +242,7 @@ type WatchLeasesResponse struct {
 
 func (x *WatchLeasesResponse) Reset() {
 	*x = WatchLeasesResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -166,7 +254,7 @@ func (x *WatchLeasesResponse) String() string {
 func (*WatchLeasesResponse) ProtoMessage() {}
 
 func (x *WatchLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -179,7 +267,7 @@ func (x *WatchLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchLeasesResponse.ProtoReflect.Descriptor instead.
 func (*WatchLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{1}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *WatchLeasesResponse) GetSequence() uint64 {
@@ -248,7 +336,7 @@ type AcquireLeaseRequest struct {
 
 func (x *AcquireLeaseRequest) Reset() {
 	*x = AcquireLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -260,7 +348,7 @@ func (x *AcquireLeaseRequest) String() string {
 func (*AcquireLeaseRequest) ProtoMessage() {}
 
 func (x *AcquireLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -273,7 +361,7 @@ func (x *AcquireLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLeaseRequest.ProtoReflect.Descriptor instead.
 func (*AcquireLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{2}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AcquireLeaseRequest) GetCredential() string {
@@ -315,7 +403,7 @@ type AcquireLeaseResponse struct {
 
 func (x *AcquireLeaseResponse) Reset() {
 	*x = AcquireLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -327,7 +415,7 @@ func (x *AcquireLeaseResponse) String() string {
 func (*AcquireLeaseResponse) ProtoMessage() {}
 
 func (x *AcquireLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -340,7 +428,7 @@ func (x *AcquireLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLeaseResponse.ProtoReflect.Descriptor instead.
 func (*AcquireLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{3}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AcquireLeaseResponse) GetLease() *Lease {
@@ -368,7 +456,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -380,7 +468,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -393,7 +481,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{4}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -419,7 +507,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -431,7 +519,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -444,7 +532,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{5}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -463,7 +551,7 @@ type ReleaseLeaseRequest struct {
 
 func (x *ReleaseLeaseRequest) Reset() {
 	*x = ReleaseLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -475,7 +563,7 @@ func (x *ReleaseLeaseRequest) String() string {
 func (*ReleaseLeaseRequest) ProtoMessage() {}
 
 func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -488,7 +576,7 @@ func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{6}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReleaseLeaseRequest) GetLeaseId() string {
@@ -507,7 +595,7 @@ type ReleaseLeaseResponse struct {
 
 func (x *ReleaseLeaseResponse) Reset() {
 	*x = ReleaseLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +607,7 @@ func (x *ReleaseLeaseResponse) String() string {
 func (*ReleaseLeaseResponse) ProtoMessage() {}
 
 func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +620,7 @@ func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{7}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReleaseLeaseResponse) GetLease() *Lease {
@@ -550,7 +638,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -562,7 +650,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -575,7 +663,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{8}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{10}
 }
 
 type WhoAmIResponse struct {
@@ -591,7 +679,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -603,7 +691,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -616,7 +704,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{9}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WhoAmIResponse) GetSpiffeId() string {
@@ -644,7 +732,11 @@ var File_leasehold_v1_broker_proto protoreflect.FileDescriptor
 
 const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\n" +
-	"\x19leasehold/v1/broker.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"V\n" +
+	"\x19leasehold/v1/broker.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\")\n" +
+	"\x0eEndTaskRequest\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\"4\n" +
+	"\x0fEndTaskResponse\x12!\n" +
+	"\fleases_ended\x18\x01 \x01(\x05R\vleasesEnded\"V\n" +
 	"\x12WatchLeasesRequest\x12%\n" +
 	"\x0eafter_sequence\x18\x01 \x01(\x04R\rafterSequence\x12\x19\n" +
 	"\bfrom_now\x18\x02 \x01(\bR\afromNow\"\xfd\x01\n" +
@@ -692,14 +784,15 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\x13LEASE_EVENT_RENEWED\x10\x02\x12\x18\n" +
 	"\x14LEASE_EVENT_RELEASED\x10\x03\x12\x17\n" +
 	"\x13LEASE_EVENT_EXPIRED\x10\x04\x12\x17\n" +
-	"\x13LEASE_EVENT_REVOKED\x10\x052\xa9\x03\n" +
+	"\x13LEASE_EVENT_REVOKED\x10\x052\xf1\x03\n" +
 	"\rBrokerService\x12U\n" +
 	"\fAcquireLease\x12!.leasehold.v1.AcquireLeaseRequest\x1a\".leasehold.v1.AcquireLeaseResponse\x12O\n" +
 	"\n" +
 	"RenewLease\x12\x1f.leasehold.v1.RenewLeaseRequest\x1a .leasehold.v1.RenewLeaseResponse\x12U\n" +
 	"\fReleaseLease\x12!.leasehold.v1.ReleaseLeaseRequest\x1a\".leasehold.v1.ReleaseLeaseResponse\x12C\n" +
 	"\x06WhoAmI\x12\x1b.leasehold.v1.WhoAmIRequest\x1a\x1c.leasehold.v1.WhoAmIResponse\x12T\n" +
-	"\vWatchLeases\x12 .leasehold.v1.WatchLeasesRequest\x1a!.leasehold.v1.WatchLeasesResponse0\x01B?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
+	"\vWatchLeases\x12 .leasehold.v1.WatchLeasesRequest\x1a!.leasehold.v1.WatchLeasesResponse0\x01\x12F\n" +
+	"\aEndTask\x12\x1c.leasehold.v1.EndTaskRequest\x1a\x1d.leasehold.v1.EndTaskResponseB?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
 
 var (
 	file_leasehold_v1_broker_proto_rawDescOnce sync.Once
@@ -714,47 +807,51 @@ func file_leasehold_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_leasehold_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_leasehold_v1_broker_proto_goTypes = []any{
 	(LeaseEvent)(0),               // 0: leasehold.v1.LeaseEvent
-	(*WatchLeasesRequest)(nil),    // 1: leasehold.v1.WatchLeasesRequest
-	(*WatchLeasesResponse)(nil),   // 2: leasehold.v1.WatchLeasesResponse
-	(*AcquireLeaseRequest)(nil),   // 3: leasehold.v1.AcquireLeaseRequest
-	(*AcquireLeaseResponse)(nil),  // 4: leasehold.v1.AcquireLeaseResponse
-	(*RenewLeaseRequest)(nil),     // 5: leasehold.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),    // 6: leasehold.v1.RenewLeaseResponse
-	(*ReleaseLeaseRequest)(nil),   // 7: leasehold.v1.ReleaseLeaseRequest
-	(*ReleaseLeaseResponse)(nil),  // 8: leasehold.v1.ReleaseLeaseResponse
-	(*WhoAmIRequest)(nil),         // 9: leasehold.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),        // 10: leasehold.v1.WhoAmIResponse
-	nil,                           // 11: leasehold.v1.AcquireLeaseResponse.SecretEntry
-	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 13: google.protobuf.Duration
-	(*Task)(nil),                  // 14: leasehold.v1.Task
-	(*Lease)(nil),                 // 15: leasehold.v1.Lease
+	(*EndTaskRequest)(nil),        // 1: leasehold.v1.EndTaskRequest
+	(*EndTaskResponse)(nil),       // 2: leasehold.v1.EndTaskResponse
+	(*WatchLeasesRequest)(nil),    // 3: leasehold.v1.WatchLeasesRequest
+	(*WatchLeasesResponse)(nil),   // 4: leasehold.v1.WatchLeasesResponse
+	(*AcquireLeaseRequest)(nil),   // 5: leasehold.v1.AcquireLeaseRequest
+	(*AcquireLeaseResponse)(nil),  // 6: leasehold.v1.AcquireLeaseResponse
+	(*RenewLeaseRequest)(nil),     // 7: leasehold.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 8: leasehold.v1.RenewLeaseResponse
+	(*ReleaseLeaseRequest)(nil),   // 9: leasehold.v1.ReleaseLeaseRequest
+	(*ReleaseLeaseResponse)(nil),  // 10: leasehold.v1.ReleaseLeaseResponse
+	(*WhoAmIRequest)(nil),         // 11: leasehold.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),        // 12: leasehold.v1.WhoAmIResponse
+	nil,                           // 13: leasehold.v1.AcquireLeaseResponse.SecretEntry
+	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 15: google.protobuf.Duration
+	(*Task)(nil),                  // 16: leasehold.v1.Task
+	(*Lease)(nil),                 // 17: leasehold.v1.Lease
 }
 var file_leasehold_v1_broker_proto_depIdxs = []int32{
 	0,  // 0: leasehold.v1.WatchLeasesResponse.event:type_name -> leasehold.v1.LeaseEvent
-	12, // 1: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
-	13, // 2: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	14, // 3: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
-	15, // 4: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	11, // 5: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
-	13, // 6: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	15, // 7: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	15, // 8: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	3,  // 9: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
-	5,  // 10: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
-	7,  // 11: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
-	9,  // 12: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
-	1,  // 13: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
-	4,  // 14: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
-	6,  // 15: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
-	8,  // 16: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
-	10, // 17: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
-	2,  // 18: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
-	14, // [14:19] is the sub-list for method output_type
-	9,  // [9:14] is the sub-list for method input_type
+	14, // 1: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
+	15, // 2: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	16, // 3: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
+	17, // 4: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	13, // 5: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
+	15, // 6: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	17, // 7: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	17, // 8: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	5,  // 9: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
+	7,  // 10: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
+	9,  // 11: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
+	11, // 12: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
+	3,  // 13: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
+	1,  // 14: leasehold.v1.BrokerService.EndTask:input_type -> leasehold.v1.EndTaskRequest
+	6,  // 15: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
+	8,  // 16: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
+	10, // 17: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
+	12, // 18: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
+	4,  // 19: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
+	2,  // 20: leasehold.v1.BrokerService.EndTask:output_type -> leasehold.v1.EndTaskResponse
+	15, // [15:21] is the sub-list for method output_type
+	9,  // [9:15] is the sub-list for method input_type
 	9,  // [9:9] is the sub-list for extension type_name
 	9,  // [9:9] is the sub-list for extension extendee
 	0,  // [0:9] is the sub-list for field type_name
@@ -772,7 +869,7 @@ func file_leasehold_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_broker_proto_rawDesc), len(file_leasehold_v1_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   11,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,6 +24,7 @@ const (
 	BrokerService_ReleaseLease_FullMethodName = "/leasehold.v1.BrokerService/ReleaseLease"
 	BrokerService_WhoAmI_FullMethodName       = "/leasehold.v1.BrokerService/WhoAmI"
 	BrokerService_WatchLeases_FullMethodName  = "/leasehold.v1.BrokerService/WatchLeases"
+	BrokerService_EndTask_FullMethodName      = "/leasehold.v1.BrokerService/EndTask"
 )
 
 // BrokerServiceClient is the client API for BrokerService service.
@@ -51,6 +52,9 @@ type BrokerServiceClient interface {
 	// stream starts after. Reconnecting with the last sequence received
 	// neither skips nor repeats.
 	WatchLeases(ctx context.Context, in *WatchLeasesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchLeasesResponse], error)
+	// EndTask releases every active lease the caller holds for the task and
+	// its subtasks (task ids extending it with "/").
+	EndTask(ctx context.Context, in *EndTaskRequest, opts ...grpc.CallOption) (*EndTaskResponse, error)
 }
 
 type brokerServiceClient struct {
@@ -120,6 +124,16 @@ func (c *brokerServiceClient) WatchLeases(ctx context.Context, in *WatchLeasesRe
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type BrokerService_WatchLeasesClient = grpc.ServerStreamingClient[WatchLeasesResponse]
 
+func (c *brokerServiceClient) EndTask(ctx context.Context, in *EndTaskRequest, opts ...grpc.CallOption) (*EndTaskResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EndTaskResponse)
+	err := c.cc.Invoke(ctx, BrokerService_EndTask_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BrokerServiceServer is the server API for BrokerService service.
 // All implementations must embed UnimplementedBrokerServiceServer
 // for forward compatibility.
@@ -145,6 +159,9 @@ type BrokerServiceServer interface {
 	// stream starts after. Reconnecting with the last sequence received
 	// neither skips nor repeats.
 	WatchLeases(*WatchLeasesRequest, grpc.ServerStreamingServer[WatchLeasesResponse]) error
+	// EndTask releases every active lease the caller holds for the task and
+	// its subtasks (task ids extending it with "/").
+	EndTask(context.Context, *EndTaskRequest) (*EndTaskResponse, error)
 	mustEmbedUnimplementedBrokerServiceServer()
 }
 
@@ -169,6 +186,9 @@ func (UnimplementedBrokerServiceServer) WhoAmI(context.Context, *WhoAmIRequest) 
 }
 func (UnimplementedBrokerServiceServer) WatchLeases(*WatchLeasesRequest, grpc.ServerStreamingServer[WatchLeasesResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchLeases not implemented")
+}
+func (UnimplementedBrokerServiceServer) EndTask(context.Context, *EndTaskRequest) (*EndTaskResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EndTask not implemented")
 }
 func (UnimplementedBrokerServiceServer) mustEmbedUnimplementedBrokerServiceServer() {}
 func (UnimplementedBrokerServiceServer) testEmbeddedByValue()                       {}
@@ -274,6 +294,24 @@ func _BrokerService_WatchLeases_Handler(srv interface{}, stream grpc.ServerStrea
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type BrokerService_WatchLeasesServer = grpc.ServerStreamingServer[WatchLeasesResponse]
 
+func _BrokerService_EndTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EndTaskRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServiceServer).EndTask(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BrokerService_EndTask_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServiceServer).EndTask(ctx, req.(*EndTaskRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BrokerService_ServiceDesc is the grpc.ServiceDesc for BrokerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -296,6 +334,10 @@ var BrokerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "WhoAmI",
 			Handler:    _BrokerService_WhoAmI_Handler,
+		},
+		{
+			MethodName: "EndTask",
+			Handler:    _BrokerService_EndTask_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -104,6 +104,10 @@ const (
 	AuditEvent_AUDIT_EVENT_AUDIT_PRUNE AuditEvent = 13
 	// A credential's secret was replaced upstream by RotateCredential.
 	AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE AuditEvent = 14
+	// An agent ended a task (EndTask).
+	AuditEvent_AUDIT_EVENT_TASK_END AuditEvent = 15
+	// An admin revoked a task (RevokeTask).
+	AuditEvent_AUDIT_EVENT_TASK_REVOKE AuditEvent = 16
 )
 
 // Enum value maps for AuditEvent.
@@ -124,6 +128,8 @@ var (
 		12: "AUDIT_EVENT_ACCESS_DENY",
 		13: "AUDIT_EVENT_AUDIT_PRUNE",
 		14: "AUDIT_EVENT_CREDENTIAL_ROTATE",
+		15: "AUDIT_EVENT_TASK_END",
+		16: "AUDIT_EVENT_TASK_REVOKE",
 	}
 	AuditEvent_value = map[string]int32{
 		"AUDIT_EVENT_UNSPECIFIED":       0,
@@ -141,6 +147,8 @@ var (
 		"AUDIT_EVENT_ACCESS_DENY":       12,
 		"AUDIT_EVENT_AUDIT_PRUNE":       13,
 		"AUDIT_EVENT_CREDENTIAL_ROTATE": 14,
+		"AUDIT_EVENT_TASK_END":          15,
+		"AUDIT_EVENT_TASK_REVOKE":       16,
 	}
 )
 
@@ -1314,7 +1322,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n" +
 	"\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n" +
-	"\x13LEASE_STATE_REVOKED\x10\x04*\xdb\x03\n" +
+	"\x13LEASE_STATE_REVOKED\x10\x04*\x92\x04\n" +
 	"\n" +
 	"AuditEvent\x12\x1b\n" +
 	"\x17AUDIT_EVENT_UNSPECIFIED\x10\x00\x12\x1d\n" +
@@ -1332,7 +1340,9 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x18AUDIT_EVENT_GRANT_DELETE\x10\v\x12\x1b\n" +
 	"\x17AUDIT_EVENT_ACCESS_DENY\x10\f\x12\x1b\n" +
 	"\x17AUDIT_EVENT_AUDIT_PRUNE\x10\r\x12!\n" +
-	"\x1dAUDIT_EVENT_CREDENTIAL_ROTATE\x10\x0e*K\n" +
+	"\x1dAUDIT_EVENT_CREDENTIAL_ROTATE\x10\x0e\x12\x18\n" +
+	"\x14AUDIT_EVENT_TASK_END\x10\x0f\x12\x1b\n" +
+	"\x17AUDIT_EVENT_TASK_REVOKE\x10\x10*K\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +

@@ -1,0 +1,122 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"golang.org/x/time/rate"
+	"google.golang.org/grpc/codes"
+
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/store"
+)
+
+// EndTask releases the caller's leases for a task and its subtasks.
+func (b *brokerService) EndTask(ctx context.Context, req *leaseholdv1.EndTaskRequest) (*leaseholdv1.EndTaskResponse, error) {
+	s := b.s
+	if err := validTaskID("task_id", req.GetTaskId(), true); err != nil {
+		return nil, err
+	}
+	caller := callerFrom(ctx).String()
+	now := s.now()
+	var n int
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		leases, err := tx.ListLeases(store.LeaseFilter{AgentID: caller, TaskTree: req.GetTaskId(), ActiveOnly: true}, "", 0)
+		if err != nil {
+			return err
+		}
+		for _, l := range leases {
+			if err := endLease(ctx, tx, l, store.LeaseReleased, "task "+req.GetTaskId()+" ended", now, nil); err != nil {
+				return err
+			}
+		}
+		n = len(leases)
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventTaskEnd, AgentID: caller, TaskID: req.GetTaskId(),
+			Reason: fmt.Sprintf("%d leases released", n)})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	return &leaseholdv1.EndTaskResponse{LeasesEnded: int32(n)}, nil
+}
+
+// RevokeTask revokes every lease of a task and its subtasks.
+func (a *adminService) RevokeTask(ctx context.Context, req *leaseholdv1.RevokeTaskRequest) (*leaseholdv1.RevokeTaskResponse, error) {
+	s := a.s
+	if err := validTaskID("task_id", req.GetTaskId(), true); err != nil {
+		return nil, err
+	}
+	if req.GetReason() == "" {
+		return nil, errInvalid("reason", "is required: it is recorded in the audit trail")
+	}
+	if err := validText("reason", req.GetReason()); err != nil {
+		return nil, err
+	}
+	now := s.now()
+	var n int
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		ended, err := endActive(ctx, tx, store.LeaseFilter{TaskTree: req.GetTaskId()}, "task revoked: "+req.GetReason(), now)
+		if err != nil {
+			return err
+		}
+		n = len(ended)
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventTaskRevoke, TaskID: req.GetTaskId(),
+			Reason: fmt.Sprintf("%s (%d leases revoked)", req.GetReason(), n)})
+	})
+	if err != nil {
+		return nil, s.writeFailed(ctx, err)
+	}
+	return &leaseholdv1.RevokeTaskResponse{LeasesRevoked: int32(n)}, nil
+}
+
+// limiters holds one token bucket per agent and credential.
+type limiters struct {
+	every rate.Limit
+	burst int
+	mu    sync.Mutex
+	m     map[string]*rate.Limiter
+}
+
+func (l *limiters) allow(agent, credential string) bool {
+	if l == nil || l.every <= 0 {
+		return true
+	}
+	l.mu.Lock()
+	lim := l.m[agent+"\x00"+credential]
+	if lim == nil {
+		lim = rate.NewLimiter(l.every, l.burst)
+		l.m[agent+"\x00"+credential] = lim
+	}
+	l.mu.Unlock()
+	return lim.Allow()
+}
+
+func errQuota(format string, args ...any) error {
+	return newAPIError(codes.ResourceExhausted, format, args...)
+}
+
+// checkQuotas enforces the per-agent active-lease limit and the per-task
+// budget inside the write transaction that would add the lease, so
+// concurrent acquires cannot overshoot them.
+func (s *Server) checkQuotas(tx store.Tx, agent, task string) error {
+	if max := s.cfg.MaxActiveLeasesPerAgent; max > 0 {
+		active, err := tx.ListLeases(store.LeaseFilter{AgentID: agent, ActiveOnly: true}, "", max)
+		if err != nil {
+			return err
+		}
+		if len(active) >= max {
+			return errQuota("agent %s already holds %d active leases, the most allowed; release some first", agent, max)
+		}
+	}
+	if max := s.cfg.MaxLeasesPerTask; max > 0 {
+		leases, err := tx.ListLeases(store.LeaseFilter{TaskID: task}, "", max)
+		if err != nil {
+			return err
+		}
+		if len(leases) >= max {
+			return errQuota("task.id: task %q has used its budget of %d leases", task, max)
+		}
+	}
+	return nil
+}
