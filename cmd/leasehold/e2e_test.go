@@ -291,7 +291,8 @@ log:
 	require.NoError(t, err)
 	require.Regexp(t, `(?m)^leasehold_leases_active\{[^}]*\} 1$`, string(body))
 	require.Regexp(t, `(?m)^leasehold_decisions_total\{code="OK",decision="allow",operation="lease.acquire",[^}]*\} 1$`, string(body))
-	require.Regexp(t, `(?m)^leasehold_acquire_duration_seconds_bucket\{decision="allow",[^}]*le="0.01"\} 1$`, string(body), "second-scale buckets")
+	require.Contains(t, string(body), `le="0.0005"`, "second-scale bucket boundaries")
+	require.Regexp(t, `(?m)^leasehold_acquire_duration_seconds_count\{decision="allow",[^}]*\} 1$`, string(body))
 	require.NotContains(t, string(body), "pw-1")
 }
 
