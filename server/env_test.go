@@ -301,6 +301,7 @@ func (e *env) snapshot() string {
 type recordingBackend struct {
 	mu      sync.Mutex
 	revoked map[string]bool
+	issued  atomic.Int64
 }
 
 var recorder = &recordingBackend{revoked: map[string]bool{}}
@@ -308,6 +309,7 @@ var recorder = &recordingBackend{revoked: map[string]bool{}}
 func (r *recordingBackend) Validate(backends.Spec) error { return nil }
 
 func (r *recordingBackend) Issue(_ context.Context, req backends.IssueRequest) (*backends.Issued, error) {
+	r.issued.Add(1)
 	return &backends.Issued{
 		Secret:   map[string][]byte{"user": []byte("role_" + req.LeaseID)},
 		Artifact: []byte("role_" + req.LeaseID),

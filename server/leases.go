@@ -190,6 +190,13 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl); err != nil || p.denial != nil {
 			return err
 		}
+		if qerr := s.checkQuotas(tx, agent, req.GetTask().GetId()); qerr != nil {
+			if codeOf(qerr) != codes.ResourceExhausted {
+				return qerr
+			}
+			p.denial = qerr
+			return nil
+		}
 		version, err = tx.GetCredentialVersion(p.cred.Name, p.cred.CurrentVersion)
 		return err
 	})

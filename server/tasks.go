@@ -96,10 +96,12 @@ func errQuota(format string, args ...any) error {
 	return newAPIError(codes.ResourceExhausted, format, args...)
 }
 
-// checkQuotas enforces the per-agent active-lease limit and the per-task
-// budget inside the write transaction that would add the lease, so
-// concurrent acquires cannot overshoot them.
-func (s *Server) checkQuotas(tx store.Tx, agent, task string) error {
+// checkQuotas checks the per-agent active-lease limit and the per-task
+// budget. Acquire runs it twice: read-only before the backend issues
+// anything (so a refused request creates nothing upstream), and again inside
+// the write transaction that adds the lease, so concurrent acquires cannot
+// overshoot.
+func (s *Server) checkQuotas(tx store.ReadTx, agent, task string) error {
 	if max := s.cfg.MaxActiveLeasesPerAgent; max > 0 {
 		active, err := tx.ListLeases(store.LeaseFilter{AgentID: agent, ActiveOnly: true}, "", max)
 		if err != nil {

@@ -117,3 +117,20 @@ func TestTaskBudgetAndRateLimit(t *testing.T) {
 	_, err = e.agent2.AcquireLease(ctx, acquireReq("a/b", "x", "read"))
 	requireCode(t, err, codes.PermissionDenied, "no grant") // another agent has its own bucket
 }
+
+// A request refused by a quota creates nothing upstream: the quota is
+// checked before the backend issues.
+func TestQuotaRefusalIssuesNothingUpstream(t *testing.T) {
+	e := newEnv(t, func(c *server.Config) { c.MaxActiveLeasesPerAgent, c.AcquireRate = 1, -1 })
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/dyn", Backend: "recording", Secret: map[string]string{"p": "x"}})
+	require.NoError(t, err)
+	e.grant("db/dyn", agent1ID, "read")
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("db/dyn", "t", "read"))
+	require.NoError(t, err)
+	before := recorder.issued.Load()
+	for range 3 {
+		_, err = e.agent1.AcquireLease(ctx, acquireReq("db/dyn", "t", "read"))
+		requireCode(t, err, codes.ResourceExhausted, "already holds 1 active leases")
+	}
+	require.Equal(t, before, recorder.issued.Load(), "no upstream credential was minted for a refused request")
+}
