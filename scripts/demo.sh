@@ -18,6 +18,7 @@ lh --as agent-1 whoami
 
 step "Admin stores a credential (encrypted at rest; only its field names are ever shown)"
 secret_file="$DIR/crm-api-key"
+umask 077 # the generated key file is readable by its owner only
 head -c 24 /dev/urandom | base64 | tr -d '/+=' | sed 's/^/sk-demo-/' > "$secret_file"
 lh --as admin credential put crm/salesforce --description "CRM API key" \
   --set-file api_key="$secret_file" --set instance_url=https://acme.example.invalid

@@ -3,7 +3,7 @@
 # against it).
 start_dev_broker() {
   rm -rf "$DIR"
-  mkdir -p "$DIR"
+  mkdir -p -m 700 "$DIR"
   "$LEASEHOLD" dev --dir "$DIR" --listen 127.0.0.1:0 >"$DIR/broker.out" 2>"$DIR/broker.log" &
   broker=$!
   trap 'kill "$broker" 2>/dev/null || true; wait "$broker" 2>/dev/null || true' EXIT

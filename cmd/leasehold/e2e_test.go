@@ -175,6 +175,9 @@ func TestDemoScript(t *testing.T) {
 	}
 	key, err := os.ReadFile(filepath.Join(dir, "demo", "crm-api-key"))
 	require.NoError(t, err)
+	st, err := os.Stat(filepath.Join(dir, "demo", "crm-api-key"))
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), st.Mode().Perm(), "the demo's key file is owner-only")
 	require.NotContains(t, string(out), strings.TrimSpace(string(key)), "the demo never prints the secret")
 	log, err := os.ReadFile(filepath.Join(dir, "demo", "broker.log"))
 	require.NoError(t, err)
