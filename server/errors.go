@@ -106,5 +106,3 @@ func toStatus(ctx context.Context, log *slog.Logger, err error) error {
 	}
 	return status.Error(code, err.Error())
 }
-
-func asAPIError(err error, target **apiError) bool { return errors.As(err, target) }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"time"
 
@@ -56,7 +57,7 @@ func endSpan(span trace.Span, err error) {
 		span.SetAttributes(attrDecision.String(decision))
 		msg := code.String()
 		var ae *apiError
-		if asAPIError(err, &ae) {
+		if errors.As(err, &ae) {
 			msg = ae.msg
 		}
 		span.SetStatus(codes.Error, msg)
