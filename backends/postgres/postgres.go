@@ -18,6 +18,9 @@
 // Secret: admin_password. The agent gets host, port, database, user,
 // password and dsn.
 //
+// Passwords are sent as SCRAM-SHA-256 verifiers, never as text, so a
+// server that logs DDL does not log them.
+//
 // Nothing from a request reaches SQL as text: the role name is the prefix
 // and the lease id's hex digits, both checked; scopes only select templates
 // from the admin's config; the password and expiry are quoted literals.
@@ -298,13 +301,17 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 	if err != nil {
 		return nil, err
 	}
+	verifier, err := scramVerifier(password)
+	if err != nil {
+		return nil, err
+	}
 	ident := pgx.Identifier{role}.Sanitize()
 	// One script, one round trip: statements sent together in the simple
 	// protocol run as a single transaction, so a failing template leaves no
 	// role behind. Membership lets the admin terminate the role's sessions
 	// and reassign what it owns when the lease ends.
 	var script strings.Builder
-	fmt.Fprintf(&script, "CREATE ROLE %s LOGIN PASSWORD %s VALID UNTIL %s;\n", ident, quoteLiteral(password), timestamp(expires))
+	fmt.Fprintf(&script, "CREATE ROLE %s LOGIN PASSWORD %s VALID UNTIL %s;\n", ident, quoteLiteral(verifier), timestamp(expires))
 	fmt.Fprintf(&script, "GRANT %s TO CURRENT_USER;\n", ident)
 	fmt.Fprintf(&script, "SELECT pg_advisory_xact_lock(%d);\n", int64(catalogLock))
 	starts := make([]int, len(scopes))
@@ -460,7 +467,11 @@ func (b *Backend) Rotate(ctx context.Context, spec backends.Spec, next map[strin
 	if err != nil {
 		return err
 	}
-	if _, err := pool.Exec(ctx, "ALTER ROLE CURRENT_USER PASSWORD "+quoteLiteral(pw)); err != nil {
+	verifier, err := scramVerifier(pw)
+	if err != nil {
+		return err
+	}
+	if _, err := pool.Exec(ctx, "ALTER ROLE CURRENT_USER PASSWORD "+quoteLiteral(verifier)); err != nil {
 		return upstream(err, c, "rotate admin password", pw)
 	}
 	key := sha256.Sum256([]byte(c.dsn(c.adminUser, c.adminPassword)))

@@ -195,3 +195,23 @@ func TestRestartedServerIsAnOutageNotARejection(t *testing.T) {
 	c.StartServer(t)
 	issue(t, b, spec, 3, "read") // and it recovers
 }
+
+// Passwords never reach the server as text: a server that logs DDL (common
+// in production) must not log the lease's password or a rotated admin
+// password.
+func TestPasswordsNeverReachTheServerLog(t *testing.T) {
+	c, spec := setup(t)
+	b := postgres.New()
+	defer b.Close()
+	got := issue(t, b, spec, 1, "read")
+	next, err := b.NextSecret(spec)
+	require.NoError(t, err)
+	require.NoError(t, b.Rotate(context.Background(), spec, next))
+	conn, err := pgx.Connect(context.Background(), c.DSN("leasehold_admin", string(next["admin_password"])))
+	require.NoError(t, err, "the rotated password works")
+	conn.Close(context.Background())
+	log := c.Log(t)
+	require.Contains(t, log, "CREATE ROLE", "sanity: the server logs DDL")
+	require.NotContains(t, log, string(got.Secret["password"]))
+	require.NotContains(t, log, string(next["admin_password"]))
+}

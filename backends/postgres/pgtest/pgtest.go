@@ -104,7 +104,18 @@ func (c *Cluster) run(t testing.TB, must bool, name string, args ...string) {
 func (c *Cluster) StartServer(t testing.TB) {
 	t.Helper()
 	c.run(t, true, "pg_ctl", "-D", c.data(), "-l", filepath.Join(c.dir, "log"), "-w", "-o",
-		fmt.Sprintf("-c listen_addresses=127.0.0.1 -p %d -k %s -c fsync=off -c max_connections=200", c.Port, c.dir), "start")
+		fmt.Sprintf("-c listen_addresses=127.0.0.1 -p %d -k %s -c fsync=off -c max_connections=200 -c log_statement=ddl", c.Port, c.dir), "start")
+}
+
+// Log returns the server's log so far. Statements that change roles are
+// logged (log_statement=ddl), as on many production servers.
+func (c *Cluster) Log(t testing.TB) string {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(c.dir, "log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(data)
 }
 
 // StopServer stops the server (fast shutdown), keeping its data.
