@@ -425,7 +425,6 @@ func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ 
 	defer func() { s.endOp(ctx, span, "lease.release", start, err) }()
 	rec := &store.AuditRecord{Event: store.EventLeaseRelease, AgentID: caller.String(), LeaseID: id}
 	var out *store.Lease
-	var ended []*store.Lease
 	err = s.store.Update(ctx, func(tx store.Tx) error {
 		l, err := ownedLease(tx, id, caller)
 		if l != nil {
@@ -438,7 +437,6 @@ func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ 
 		if l.State != store.LeaseActive {
 			return nil // already ended: releasing is idempotent
 		}
-		ended = append(ended, l)
 		return endLease(ctx, tx, l, store.LeaseReleased, "released by its holder", now, rec)
 	})
 	if err != nil {

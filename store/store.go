@@ -34,8 +34,12 @@ type Store interface {
 	// View runs fn in a read-only transaction with a consistent snapshot.
 	View(ctx context.Context, fn func(ReadTx) error) error
 	// Update runs fn in a read-write transaction and commits it durably
-	// (fsync) when fn returns nil; any error from fn rolls everything back.
-	// fn runs exactly once per call.
+	// (fsync) when fn returns nil; any error from fn rolls back fn's writes.
+	// Engines may commit several concurrent Updates in one transaction
+	// (group commit) and then run fn more than once, always in a fresh
+	// transaction, when another closure in its group fails: fn must leave
+	// effects only through tx, and assign (not accumulate) what it hands
+	// back through captured variables.
 	Update(ctx context.Context, fn func(Tx) error) error
 	// Ready reports whether the store can serve requests.
 	Ready(ctx context.Context) error

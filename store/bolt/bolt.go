@@ -84,6 +84,12 @@ func (c Config) Validate() error {
 type Store struct {
 	db     *bbolt.DB
 	closed atomic.Bool
+
+	queue      chan *call
+	quit       chan struct{}
+	writerDone chan struct{}
+	waiting    atomic.Int64 // Update calls not yet taken by the writer
+	stats      commitCounters
 }
 
 var _ store.Store = (*Store)(nil)
@@ -122,7 +128,9 @@ func Open(cfg Config) (*Store, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("bolt: initialise %s: %w", cfg.Path, err)
 	}
-	return &Store{db: db}, nil
+	s := &Store{db: db, queue: make(chan *call), quit: make(chan struct{}), writerDone: make(chan struct{})}
+	go s.writer()
+	return s, nil
 }
 
 // View implements store.Store.
@@ -134,17 +142,6 @@ func (s *Store) View(ctx context.Context, fn func(store.ReadTx) error) error {
 		return err
 	}
 	return s.db.View(func(tx *bbolt.Tx) error { return fn(&boltTx{tx: tx}) })
-}
-
-// Update implements store.Store.
-func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
-	if s.closed.Load() {
-		return store.ErrClosed
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	return s.db.Update(func(tx *bbolt.Tx) error { return fn(&boltTx{tx: tx}) })
 }
 
 // Ready implements store.Store.
@@ -165,6 +162,10 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
+	// Calls the writer already holds finish; callers still waiting to hand
+	// theirs over get ErrClosed.
+	close(s.quit)
+	<-s.writerDone
 	return s.db.Close()
 }
 
