@@ -21,10 +21,19 @@ import (
 	"github.com/leasehold/leasehold/store"
 )
 
+// newID returns prefix and 32 hex digits: 48 bits of milliseconds since the
+// epoch, then 80 random bits. Ids made close in time sort next to each other,
+// so the store appends them to the same few pages instead of touching a
+// random page of every id-keyed bucket and index on each write. Ids are
+// names, not secrets: every use is checked against the caller's identity.
 func newID(prefix string) string {
-	b := make([]byte, 16)
-	_, _ = rand.Read(b)
-	return prefix + hex.EncodeToString(b)
+	var b [16]byte
+	ms := uint64(time.Now().UnixMilli())
+	for i := range 6 {
+		b[i] = byte(ms >> (8 * (5 - i)))
+	}
+	_, _ = rand.Read(b[6:])
+	return prefix + hex.EncodeToString(b[:])
 }
 
 // grantMatches reports whether g's subject covers id: the exact ID, or an ID
@@ -119,14 +128,25 @@ func checkAgentActive(tx store.ReadTx, agent string) error {
 	return nil
 }
 
-// touchAgent records that the broker has seen agent.
-func touchAgent(tx store.Tx, agent string, now time.Time) error {
+// lastSeenResolution is how stale an agent's LastSeen may get before an
+// acquire rewrites it. Rewriting the agent record on every acquire would add
+// a write to the hot path for a field read by humans.
+const lastSeenResolution = time.Minute
+
+// admitAgent denies a revoked agent and records that the broker has seen it
+// (first seen, and last seen to within lastSeenResolution), reading the
+// agent record once.
+func admitAgent(tx store.Tx, agent string, now time.Time) error {
 	a, err := tx.GetAgent(agent)
-	if errors.Is(err, store.ErrNotFound) {
-		a, err = &store.Agent{ID: agent, FirstSeen: now}, nil
-	}
-	if err != nil {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		a = &store.Agent{ID: agent, FirstSeen: now}
+	case err != nil:
 		return err
+	case a.Revoked:
+		return errDenied("agent %s is revoked", agent)
+	case now.Sub(a.LastSeen) < lastSeenResolution:
+		return nil
 	}
 	a.LastSeen = now
 	return tx.PutAgent(a)
@@ -270,7 +290,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	// read above; the secret leaves only after this commit is durable.
 	cctx, cspan := s.startSpan(ctx, "store.commit")
 	err = s.store.Update(cctx, func(tx store.Tx) error {
-		if err := checkAgentActive(tx, agent); err != nil {
+		if err := admitAgent(tx, agent, now); err != nil {
 			return err
 		}
 		if _, err := tx.GetGrant(grant.ID); err != nil {
@@ -280,9 +300,6 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 			return err
 		}
 		if err := s.checkQuotas(tx, agent, lease.TaskID); err != nil {
-			return err
-		}
-		if err := touchAgent(tx, agent, now); err != nil {
 			return err
 		}
 		if err := tx.PutLease(lease); err != nil {

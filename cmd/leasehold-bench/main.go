@@ -1,6 +1,12 @@
 // Command leasehold-bench measures Leasehold at scale.
 //
+//	leasehold-bench acquire --agents 64 --duration 10s [--prefill 1000000] [--revoke-leases 10000]
 //	leasehold-bench audit --db /var/tmp/audit.db --records 10000000 --queries 2000
+//
+// The acquire benchmark runs a broker (in a child process, so its CPU and
+// peak RSS are its own) and N agents with their own SVIDs over mTLS; it
+// measures WhoAmI from the same agents as the ceiling, then acquire+release
+// cycles with durable audit, and prints the ratio. See acquire.go.
 //
 // The audit benchmark fills a bbolt store with synthetic audit records
 // (10k agents, 1k credentials, ~1M tasks, 30 days; reusing the file if it
@@ -39,11 +45,20 @@ import (
 )
 
 func main() {
-	if len(os.Args) < 2 || os.Args[1] != "audit" {
+	var err error
+	switch {
+	case os.Getenv(brokerEnv) != "":
+		err = runBroker(os.Getenv(brokerEnv))
+	case len(os.Args) >= 2 && os.Args[1] == "audit":
+		err = runAudit(os.Args[2:], os.Stdout)
+	case len(os.Args) >= 2 && os.Args[1] == "acquire":
+		err = runAcquire(os.Args[2:], os.Stdout)
+	default:
 		fmt.Fprintln(os.Stderr, "usage: leasehold-bench audit --db PATH [--records N] [--queries N]")
+		fmt.Fprintln(os.Stderr, "       leasehold-bench acquire [--agents 64] [--duration 10s] [--prefill N] [--revoke-leases N] [--dir DIR]")
 		os.Exit(2)
 	}
-	if err := runAudit(os.Args[2:], os.Stdout); err != nil {
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "leasehold-bench:", err)
 		os.Exit(1)
 	}

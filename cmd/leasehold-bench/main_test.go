@@ -2,9 +2,12 @@ package main
 
 import (
 	"bytes"
+	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -20,4 +23,31 @@ func TestAuditBenchSmall(t *testing.T) {
 	out.Reset()
 	require.NoError(t, runAudit([]string{"--db", db, "--records", "3000", "--queries", "9"}, &out))
 	require.Contains(t, out.String(), "store holds 3000 records already", "re-runs reuse the file")
+}
+
+// TestMain lets the test binary play the broker child the acquire benchmark
+// re-executes.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv(brokerEnv); dir != "" {
+		if err := runBroker(dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// The acquire benchmark runs end to end: a broker child on a prefilled
+// store, agents with their own SVIDs, the ceiling and the acquire phases,
+// RevokeAgent on an agent with many leases, and the machine-readable line.
+func TestAcquireBenchSmall(t *testing.T) {
+	var out bytes.Buffer
+	err := acquireBench(acquireOpts{dir: t.TempDir(), agents: 3, duration: time.Second, prefill: 300, revokeLeases: 40}, &out)
+	require.NoError(t, err, out.String())
+	require.Contains(t, out.String(), "RevokeAgent ended 40 leases")
+	require.Contains(t, out.String(), "  acquire    1s", "progress is shown while it runs")
+	lines := bytes.Split(bytes.TrimSpace(out.Bytes()), []byte("\n"))
+	last := string(lines[len(lines)-1])
+	require.Regexp(t, regexp.MustCompile(`^acquire_per_s=[1-9]\d* ceiling_per_s=[1-9]\d* ratio=[\d.]+ p50_ms=[\d.]+ p90_ms=[\d.]+ p99_ms=[\d.]+ release_p99_ms=[\d.]+ errors=0 agents=3 broker_cpu_cores=[\d.]+ peak_rss_mb=[1-9]\d* startup_ms=[\d.]+ active_leases=340 revoke_ms=[\d.]+$`), last)
 }

@@ -47,13 +47,17 @@ type CommitStats struct {
 	Commits uint64
 	// Retries is the number of batches rolled back because a closure failed.
 	Retries uint64
+	// PagesWritten is the number of pages bbolt wrote (all transactions).
+	PagesWritten int64
 }
 
 type commitCounters struct{ calls, commits, retries atomic.Uint64 }
 
 // CommitStats reports how many Update calls shared each commit.
 func (s *Store) CommitStats() CommitStats {
-	return CommitStats{Calls: s.stats.calls.Load(), Commits: s.stats.commits.Load(), Retries: s.stats.retries.Load()}
+	st := s.db.Stats()
+	return CommitStats{Calls: s.stats.calls.Load(), Commits: s.stats.commits.Load(), Retries: s.stats.retries.Load(),
+		PagesWritten: st.TxStats.GetWrite()}
 }
 
 // Update implements store.Store. It returns once the transaction holding

@@ -1,0 +1,553 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+
+	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/static"
+	"github.com/leasehold/leasehold/client"
+	"github.com/leasehold/leasehold/identity"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
+	"github.com/leasehold/leasehold/store"
+	"github.com/leasehold/leasehold/store/bolt"
+	"github.com/leasehold/leasehold/store/seal"
+)
+
+// The acquire benchmark.
+//
+// The broker runs in a child process (this binary, re-executed with
+// brokerEnv set) so that its CPU time and peak RSS are measured apart from
+// the load generator's. The parent creates the dev CA, optionally fills the
+// store with active leases, starts the child, seeds a static credential and
+// a grant over the admin API, and gives each agent its own SVID and mTLS
+// connection. It then measures, from the same callers against the same
+// server: WhoAmI (the ceiling, no store write), and acquire+release cycles
+// (each with its fsync'd audit record).
+
+const (
+	brokerEnv     = "LEASEHOLD_BENCH_BROKER_DIR"
+	profileEnv    = "LEASEHOLD_BENCH_BROKER_CPUPROFILE"
+	benchCred     = "bench/static"
+	benchAdminID  = "spiffe://bench.test/admin"
+	benchBrokerID = "spiffe://bench.test/broker"
+	victimID      = "spiffe://bench.test/victim"
+)
+
+type acquireOpts struct {
+	dir          string
+	agents       int
+	duration     time.Duration
+	prefill      int
+	revokeLeases int
+	cpuProfile   string
+}
+
+func runAcquire(args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("acquire", flag.ContinueOnError)
+	var o acquireOpts
+	fs.StringVar(&o.dir, "dir", "", "directory for the CA and the store (default: a new temporary directory, removed after)")
+	fs.IntVar(&o.agents, "agents", 64, "concurrent agents, each with its own SVID and connection")
+	fs.DurationVar(&o.duration, "duration", 10*time.Second, "how long each phase (ceiling, acquire) runs")
+	fs.IntVar(&o.prefill, "prefill", 0, "active leases (of 10k other agents) in the store before the broker starts; reused if the store already holds them")
+	fs.StringVar(&o.cpuProfile, "broker-cpuprofile", "", "write the broker's CPU profile of the acquire phase to this file")
+	fs.IntVar(&o.revokeLeases, "revoke-leases", 0, "after the run, time RevokeAgent for an agent holding this many active leases")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if o.agents < 1 || o.duration <= 0 {
+		return errors.New("--agents must be at least 1 and --duration positive")
+	}
+	if o.dir == "" {
+		d, err := os.MkdirTemp("", "leasehold-bench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		o.dir = d
+	}
+	return acquireBench(o, out)
+}
+
+func acquireBench(o acquireOpts, out io.Writer) error {
+	ctx := context.Background()
+	ca, err := identity.LoadOrCreateDevCA(filepath.Join(o.dir, "ca"), td)
+	if err != nil {
+		return err
+	}
+	dbPath := filepath.Join(o.dir, "leasehold.db")
+	if err := prefill(dbPath, o.prefill, o.revokeLeases, out); err != nil {
+		return err
+	}
+
+	child, err := startBroker(o.dir, o.cpuProfile)
+	if err != nil {
+		return err
+	}
+	defer child.stop()
+
+	issue := func(id string) (identity.StaticSource, error) {
+		svid, err := ca.Issue(spiffeid.RequireFromString(id), identity.SVIDOptions{TTL: 24 * time.Hour})
+		return identity.StaticSource{SVID: svid, Bundle: ca.Bundle()}, err
+	}
+	dial := func(id string) (*grpc.ClientConn, error) {
+		src, err := issue(id)
+		if err != nil {
+			return nil, err
+		}
+		return client.Dial(client.Config{Address: child.addr, Source: src})
+	}
+	adminConn, err := dial(benchAdminID)
+	if err != nil {
+		return err
+	}
+	defer adminConn.Close()
+	admin := leaseholdv1.NewAdminServiceClient(adminConn)
+	if _, err := leaseholdv1.NewBrokerServiceClient(adminConn).WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{}, grpc.WaitForReady(true)); err != nil {
+		return err
+	}
+	child.startupMS = ms(time.Since(child.started))
+	fmt.Fprintf(out, "broker pid %d on %s answered its first RPC %.1f ms after exec, with %d active leases in its store\n",
+		child.cmd.Process.Pid, child.addr, child.startupMS, child.active)
+	if err := seed(ctx, admin); err != nil {
+		return err
+	}
+
+	agents := make([]leaseholdv1.BrokerServiceClient, o.agents)
+	for i := range agents {
+		conn, err := dial(fmt.Sprintf("spiffe://bench.test/agents/load-%03d", i))
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		agents[i] = leaseholdv1.NewBrokerServiceClient(conn)
+		if _, err := agents[i].WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{}); err != nil {
+			return fmt.Errorf("agent %d: %w", i, err)
+		}
+	}
+
+	fmt.Fprintf(out, "ceiling: WhoAmI from %d agents for %s\n", o.agents, o.duration)
+	ceiling := phase(out, "whoami", agents, o.duration, func(c leaseholdv1.BrokerServiceClient, _ int, lat *[]time.Duration) error {
+		t0 := time.Now()
+		_, err := c.WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{})
+		*lat = append(*lat, time.Since(t0))
+		return err
+	})
+
+	cpu0, err := child.cpu()
+	if err != nil {
+		return err
+	}
+	if o.cpuProfile != "" {
+		_ = child.cmd.Process.Signal(syscall.SIGUSR1)
+	}
+	fmt.Fprintf(out, "acquire+release from %d agents for %s\n", o.agents, o.duration)
+	var releaseLat []time.Duration
+	var relMu sync.Mutex
+	acq := phase(out, "acquire", agents, o.duration, func(c leaseholdv1.BrokerServiceClient, n int, lat *[]time.Duration) error {
+		t0 := time.Now()
+		resp, err := c.AcquireLease(ctx, &leaseholdv1.AcquireLeaseRequest{Credential: benchCred, Scopes: []string{"read"},
+			Task: &leaseholdv1.Task{Id: "bench-" + strconv.Itoa(n), Purpose: "load test"}})
+		*lat = append(*lat, time.Since(t0))
+		if err != nil {
+			return err
+		}
+		t1 := time.Now()
+		_, err = c.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: resp.GetLease().GetId()})
+		d := time.Since(t1)
+		relMu.Lock()
+		releaseLat = append(releaseLat, d)
+		relMu.Unlock()
+		return err
+	})
+	cpu1, err := child.cpu()
+	if err != nil {
+		return err
+	}
+	if o.cpuProfile != "" {
+		_ = child.cmd.Process.Signal(syscall.SIGUSR2)
+	}
+	cores := (cpu1 - cpu0).Seconds() / acq.elapsed.Seconds()
+
+	revokeMS := -1.0
+	if o.revokeLeases > 0 {
+		t0 := time.Now()
+		resp, err := admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: victimID, Reason: "benchmark"})
+		if err != nil {
+			return fmt.Errorf("revoke agent: %w", err)
+		}
+		revokeMS = ms(time.Since(t0))
+		fmt.Fprintf(out, "RevokeAgent ended %d leases, durable in %.1f ms\n", resp.GetLeasesRevoked(), revokeMS)
+	}
+	rss, err := child.peakRSS()
+	if err != nil {
+		return err
+	}
+	stats := child.stop()
+
+	ratio := acq.perSec / ceiling.perSec
+	p := percentiles(acq.lat)
+	rp := percentiles(releaseLat)
+	fmt.Fprintf(out, "ceiling %.0f/s (p99 %.2f ms); acquire+release %.0f cycles/s (acquire p50 %.2f p99 %.2f ms, release p99 %.2f ms); broker %.2f cores, peak RSS %.0f MB; %s\n",
+		ceiling.perSec, percentiles(ceiling.lat)[2], acq.perSec, p[0], p[2], rp[2], cores, rss, stats)
+	fmt.Fprintf(out, "acquire_per_s=%.0f ceiling_per_s=%.0f ratio=%.3f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f release_p99_ms=%.2f errors=%d agents=%d broker_cpu_cores=%.2f peak_rss_mb=%.0f startup_ms=%.1f active_leases=%d revoke_ms=%.1f\n",
+		acq.perSec, ceiling.perSec, ratio, p[0], p[1], p[2], rp[2], acq.errors+ceiling.errors, o.agents, cores, rss, child.startupMS, child.active, revokeMS)
+	if acq.firstErr != nil {
+		return fmt.Errorf("%d calls failed, first: %w", acq.errors, acq.firstErr)
+	}
+	return nil
+}
+
+type phaseResult struct {
+	perSec   float64
+	elapsed  time.Duration
+	lat      []time.Duration
+	errors   int64
+	firstErr error
+}
+
+// phase runs op from every agent in a loop for d, printing progress each
+// second.
+func phase(out io.Writer, name string, agents []leaseholdv1.BrokerServiceClient, d time.Duration,
+	op func(c leaseholdv1.BrokerServiceClient, n int, lat *[]time.Duration) error) phaseResult {
+	var (
+		done     atomic.Int64
+		errs     atomic.Int64
+		firstErr atomic.Pointer[error]
+		stop     atomic.Bool
+		wg       sync.WaitGroup
+		seq      atomic.Int64
+	)
+	lats := make([][]time.Duration, len(agents))
+	start := time.Now()
+	for i, c := range agents {
+		wg.Go(func() {
+			for !stop.Load() {
+				if err := op(c, int(seq.Add(1)), &lats[i]); err != nil {
+					errs.Add(1)
+					firstErr.CompareAndSwap(nil, &err)
+					continue
+				}
+				done.Add(1)
+			}
+		})
+	}
+	tick := time.NewTicker(time.Second)
+	var last int64
+	for range tick.C {
+		n := done.Load()
+		el := time.Since(start)
+		fmt.Fprintf(out, "  %s %4.0fs  %8.0f/s  total %d  errors %d\n", name, el.Seconds(), float64(n-last), n, errs.Load())
+		last = n
+		if el >= d {
+			break
+		}
+	}
+	tick.Stop()
+	stop.Store(true)
+	elapsed := time.Since(start)
+	n := done.Load()
+	wg.Wait()
+	var all []time.Duration
+	for _, l := range lats {
+		all = append(all, l...)
+	}
+	r := phaseResult{perSec: float64(n) / elapsed.Seconds(), elapsed: elapsed, lat: all, errors: errs.Load()}
+	if e := firstErr.Load(); e != nil {
+		r.firstErr = *e
+	}
+	return r
+}
+
+func seed(ctx context.Context, admin leaseholdv1.AdminServiceClient) error {
+	if _, err := admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: benchCred}); err == nil {
+		return nil // a reused store is already seeded
+	}
+	if _, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: benchCred, Backend: static.Name,
+		Secret: map[string]string{"api_key": "bench-not-a-secret"}}); err != nil {
+		return fmt.Errorf("put credential: %w", err)
+	}
+	for _, subj := range []*leaseholdv1.Grant{
+		{Subject: &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: "spiffe://bench.test/agents"}},
+		{Subject: &leaseholdv1.Grant_SpiffeId{SpiffeId: victimID}},
+	} {
+		subj.Credential, subj.Scopes = benchCred, []string{"read"}
+		if _, err := admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: subj}); err != nil {
+			return fmt.Errorf("create grant: %w", err)
+		}
+	}
+	return nil
+}
+
+// prefill writes active leases straight into the store (bulk transactions,
+// no fsync: this is set-up, not the measured path): n spread over 10k other
+// agents, and victim leases held by one agent for the RevokeAgent timing. A
+// store that already holds them is reused.
+func prefill(path string, n, victim int, out io.Writer) error {
+	if n == 0 && victim == 0 {
+		return nil
+	}
+	st, err := bolt.Open(bolt.Config{Path: path, NoSync: true})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	ctx := context.Background()
+	var have int64
+	if err := st.View(ctx, func(tx store.ReadTx) error {
+		have, err = tx.ActiveLeaseCount()
+		return err
+	}); err != nil {
+		return err
+	}
+	want := int64(n + victim)
+	if have >= want {
+		fmt.Fprintf(out, "store holds %d active leases already\n", have)
+		return nil
+	}
+	now := time.Now()
+	t0 := time.Now()
+	const batch = 20_000
+	mk := func(i int, agent string) *store.Lease {
+		var id [16]byte
+		for b := range 8 {
+			id[b] = byte(uint64(i) >> (8 * b))
+		}
+		copy(id[8:], "prefill!")
+		return &store.Lease{ID: "ls_" + hex.EncodeToString(id[:]), AgentID: agent, Credential: benchCred, Backend: static.Name,
+			Scopes: []string{"read"}, TaskID: fmt.Sprintf("prefill-%d", i/10), GrantID: "gr_prefill", State: store.LeaseActive,
+			TTL: 24 * time.Hour, IssuedAt: now, ExpiresAt: now.Add(24 * time.Hour), MaxExpiresAt: now.Add(24 * time.Hour), CredentialVersion: 1}
+	}
+	total := n + victim
+	for lo := int(have); lo < total; lo += batch {
+		hi := min(lo+batch, total)
+		if err := st.Update(ctx, func(tx store.Tx) error {
+			for i := lo; i < hi; i++ {
+				agent := fmt.Sprintf("spiffe://bench.test/prefill/p%05d", i%10_000)
+				if i >= n {
+					agent = victimID
+				}
+				if err := tx.PutLease(mk(i, agent)); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		if hi%200_000 == 0 || hi == total {
+			fmt.Fprintf(out, "  prefill %d/%d leases (%.0f/s)\n", hi, total, float64(hi-int(have))/time.Since(t0).Seconds())
+		}
+	}
+	return nil
+}
+
+// brokerChild is the broker process under measurement.
+type brokerChild struct {
+	cmd     *exec.Cmd
+	addr    string
+	started time.Time
+	// startupMS is from exec until the broker answered its first RPC.
+	startupMS float64
+	active    int64
+	lines     *bufio.Scanner
+	once      sync.Once
+	stats     string
+}
+
+func startBroker(dir, cpuProfile string) (*brokerChild, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, "broker")
+	cmd.Env = append(os.Environ(), brokerEnv+"="+dir, profileEnv+"="+cpuProfile)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	started := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	c := &brokerChild{cmd: cmd, lines: bufio.NewScanner(stdout), started: started}
+	if !c.lines.Scan() {
+		_ = cmd.Wait()
+		return nil, errors.New("broker exited before it was ready")
+	}
+	// "ready ADDR MS_TO_LISTEN ACTIVE"
+	f := strings.Fields(c.lines.Text())
+	if len(f) != 4 || f[0] != "ready" {
+		c.stop()
+		return nil, fmt.Errorf("unexpected line from broker: %q", c.lines.Text())
+	}
+	c.addr = f[1]
+	c.active, _ = strconv.ParseInt(f[3], 10, 64)
+	return c, nil
+}
+
+// cpu is the broker's user+system CPU time so far.
+func (c *brokerChild) cpu() (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	// Fields after the command name, which is in parentheses.
+	rest := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	if len(rest) < 13 {
+		return 0, errors.New("short /proc stat")
+	}
+	ut, _ := strconv.ParseInt(rest[11], 10, 64)
+	st, _ := strconv.ParseInt(rest[12], 10, 64)
+	const hz = 100 // USER_HZ on Linux
+	return time.Duration(ut+st) * time.Second / hz, nil
+}
+
+// peakRSS is the broker's peak resident set (VmHWM) in MB.
+func (c *brokerChild) peakRSS() (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", c.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb / 1024, err
+		}
+	}
+	return 0, errors.New("no VmHWM in /proc status")
+}
+
+// stop ends the broker and returns its commit statistics line.
+func (c *brokerChild) stop() string {
+	c.once.Do(func() {
+		_ = c.cmd.Process.Signal(syscall.SIGTERM)
+		for c.lines.Scan() {
+			if s, ok := strings.CutPrefix(c.lines.Text(), "stats "); ok {
+				c.stats = s
+			}
+		}
+		_ = c.cmd.Wait()
+	})
+	return c.stats
+}
+
+// runBroker is the child process: a broker on a fsync'd bbolt store in dir,
+// with the per-agent quotas off (they are policy, not capacity), until
+// SIGTERM. Its first line says where it listens and how long start-up took.
+func runBroker(dir string) error {
+	start := time.Now()
+	ctx := context.Background()
+	ca, err := identity.LoadOrCreateDevCA(filepath.Join(dir, "ca"), td)
+	if err != nil {
+		return err
+	}
+	svid, err := ca.Issue(spiffeid.RequireFromString(benchBrokerID), identity.SVIDOptions{TTL: 24 * time.Hour})
+	if err != nil {
+		return err
+	}
+	st, err := bolt.Open(bolt.Config{Path: filepath.Join(dir, "leasehold.db")})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	admins, err := identity.NewAdminSet(td, []string{benchAdminID})
+	if err != nil {
+		return err
+	}
+	kekPath := filepath.Join(dir, "kek")
+	if err := seal.EnsureFile(kekPath); err != nil {
+		return err
+	}
+	kek, err := seal.LoadFile(kekPath)
+	if err != nil {
+		return err
+	}
+	reg := backends.NewRegistry()
+	reg.Register(static.Name, static.Backend{})
+	srv, err := server.New(server.Config{TrustDomain: td, Admins: admins, AcquireRate: -1, MaxActiveLeasesPerAgent: -1},
+		server.Deps{Store: st, Backends: reg, Keyring: kek,
+			Credentials: identity.ServerCredentials(identity.StaticSource{SVID: svid, Bundle: ca.Bundle()}, td),
+			Logger:      slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+	var active int64
+	if err := st.View(ctx, func(tx store.ReadTx) error {
+		active, err = tx.ActiveLeaseCount()
+		return err
+	}); err != nil {
+		return err
+	}
+	fmt.Printf("ready %s %.1f %d\n", lis.Addr(), ms(time.Since(start)), active)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, os.Interrupt, syscall.SIGUSR1, syscall.SIGUSR2)
+wait:
+	for {
+		select {
+		case s := <-sig:
+			if s != syscall.SIGUSR1 && s != syscall.SIGUSR2 {
+				break wait
+			}
+			if err := profile(s == syscall.SIGUSR1); err != nil {
+				return err
+			}
+		case err := <-served:
+			return err
+		}
+	}
+	srv.Stop(ctx)
+	s := st.CommitStats()
+	fmt.Printf("stats %d store writes in %d commits (%.1f per fsync, %.1f pages each), %d batches retried\n",
+		s.Calls, s.Commits, float64(s.Calls)/max(float64(s.Commits), 1), float64(s.PagesWritten)/max(float64(s.Commits), 1), s.Retries)
+	return nil
+}
+
+// profile starts or stops the broker's CPU profile (SIGUSR1, SIGUSR2 from
+// the parent around the acquire phase).
+func profile(start bool) error {
+	path := os.Getenv(profileEnv)
+	if path == "" {
+		return nil
+	}
+	if !start {
+		pprof.StopCPUProfile()
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	return pprof.StartCPUProfile(f)
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
