@@ -17,7 +17,9 @@ deps: ## install the Debian packages tests need (PostgreSQL), if missing
 
 NODE_DEPS := examples/node/node_modules/.package-lock.json
 
-tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
+SPIRE := $(BIN)/spire-server $(BIN)/spire-agent
+
+tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(SPIRE) $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
 
 $(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
 	cd tools/proto && GOBIN=$(BIN) go install tool
@@ -29,6 +31,11 @@ grpcurl: $(BIN)/grpcurl ## install only the pinned grpcurl (and protoc plugins) 
 $(BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
 	cd tools/jaeger && GOBIN=$(BIN) go install tool
 	@touch $@
+
+# SPIRE server and agent for the Workload API tests (~8-12 min cold build, cgo).
+$(SPIRE) &: tools/spire/go.mod tools/spire/go.sum
+	cd tools/spire && GOBIN=$(BIN) go install tool
+	@touch $(SPIRE)
 
 # The Node.js example agent's gRPC libraries, for its round-trip test.
 $(NODE_DEPS): examples/node/package.json examples/node/package-lock.json
@@ -64,10 +71,17 @@ breaking: tools ## buf breaking against the main branch (when main has proto/)
 test: deps tools generate-check lint test-go ## every check and test (what CI runs)
 
 test-go: tools ## go test -race over every package
-	LEASEHOLD_GRPCURL=$(BIN)/grpcurl LEASEHOLD_JAEGER=$(BIN)/jaeger $(GO_TEST) ./...
+	LEASEHOLD_GRPCURL=$(BIN)/grpcurl LEASEHOLD_JAEGER=$(BIN)/jaeger \
+	LEASEHOLD_SPIRE_SERVER=$(BIN)/spire-server LEASEHOLD_SPIRE_AGENT=$(BIN)/spire-agent $(GO_TEST) ./...
 
-bench: ## broker and store benchmarks (figures in docs/benchmarks.md)
-	go test -run '^$$' -bench . -benchmem -cpu 2,8,32 ./server/
+BENCH_DIR ?= /var/tmp/leasehold-bench
+
+bench: ## load test with the ratio to the ceiling, scale figures, Go benchmarks (docs/benchmarks.md)
+	go build -o $(BIN)/leasehold-bench ./cmd/leasehold-bench
+	$(BIN)/leasehold-bench acquire --agents 64 --duration 10s
+	$(BIN)/leasehold-bench acquire --agents 64 --duration 10s --dir $(BENCH_DIR)/10k --prefill 10000 --revoke-leases 10000
+	$(BIN)/leasehold-bench acquire --agents 64 --duration 10s --dir $(BENCH_DIR)/1m --prefill 1000000 --revoke-leases 10000
+	go test -run '^$$' -bench . -benchmem ./server/ ./store/bolt/
 
 bench-postgres: deps ## PostgreSQL leases issued and roles revoked per second (docs/benchmarks.md)
 	go test -run '^$$' -bench 'Postgres' -benchtime 3000x -count 3 ./server/

@@ -1,8 +1,12 @@
 package identity_test
 
 import (
+	"bytes"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +27,24 @@ type svidFiles struct {
 	cert, key string
 	first     *x509svid.SVID
 	src       *identity.FileSource
+	log       syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
 
 func newSVIDFiles(t *testing.T, id string) *svidFiles {
@@ -34,7 +56,8 @@ func newSVIDFiles(t *testing.T, id string) *svidFiles {
 	bundle := filepath.Join(dir, "bundle.pem")
 	require.NoError(t, identity.WriteBundle(ca.Bundle(), bundle))
 	f.first = f.rotate(t)
-	f.src, err = identity.NewFileSource(identity.FileConfig{CertFile: f.cert, KeyFile: f.key, BundleFile: bundle, ReloadInterval: 10 * time.Millisecond})
+	f.src, err = identity.NewFileSource(identity.FileConfig{CertFile: f.cert, KeyFile: f.key, BundleFile: bundle, ReloadInterval: 10 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&f.log, nil))})
 	require.NoError(t, err)
 	t.Cleanup(func() { f.src.Close() })
 	return f
@@ -64,9 +87,10 @@ func TestFileSourceReloadsRotatedFiles(t *testing.T) {
 	_, err = src.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.org"))
 	require.Error(t, err)
 
-	// A broken write is ignored; the previous SVID stays.
+	// A broken write is logged and ignored; the previous SVID stays.
 	require.NoError(t, os.WriteFile(cert, []byte("garbage"), 0o644))
-	time.Sleep(50 * time.Millisecond)
+	require.Eventually(t, func() bool { return strings.Contains(f.log.String(), "keeping the previous SVID") },
+		5*time.Second, 10*time.Millisecond, "a broken file is reported")
 	got, err = src.GetX509SVID()
 	require.NoError(t, err)
 	require.Equal(t, first.Certificates[0].SerialNumber, got.Certificates[0].SerialNumber)

@@ -3,6 +3,7 @@ package identity
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
@@ -19,7 +20,19 @@ func NewWorkloadSource(ctx context.Context, addr string) (Source, error) {
 	}
 	src, err := workloadapi.NewX509Source(ctx, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("workload API: %w", err)
+		if ctx.Err() != nil {
+			// The agent answers an unregistered workload with "no identity
+			// issued" and go-spiffe keeps retrying until ctx ends.
+			return nil, fmt.Errorf("workload API %s: no SVID arrived (is this workload registered for its selectors?): %w", addrOrEnv(addr), err)
+		}
+		return nil, fmt.Errorf("workload API %s: %w", addrOrEnv(addr), err)
 	}
 	return src, nil
+}
+
+func addrOrEnv(addr string) string {
+	if addr != "" {
+		return addr
+	}
+	return "$SPIFFE_ENDPOINT_SOCKET (" + os.Getenv("SPIFFE_ENDPOINT_SOCKET") + ")"
 }

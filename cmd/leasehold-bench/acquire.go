@@ -201,7 +201,7 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 		revokeMS = ms(time.Since(t0))
 		fmt.Fprintf(out, "RevokeAgent ended %d leases, durable in %.1f ms\n", resp.GetLeasesRevoked(), revokeMS)
 	}
-	rss, err := child.peakRSS()
+	rss, anon, file, err := child.memory()
 	if err != nil {
 		return err
 	}
@@ -210,10 +210,10 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 	ratio := acq.perSec / ceiling.perSec
 	p := percentiles(acq.lat)
 	rp := percentiles(releaseLat)
-	fmt.Fprintf(out, "ceiling %.0f/s (p99 %.2f ms); acquire+release %.0f cycles/s (acquire p50 %.2f p99 %.2f ms, release p99 %.2f ms); broker %.2f cores, peak RSS %.0f MB; %s\n",
-		ceiling.perSec, percentiles(ceiling.lat)[2], acq.perSec, p[0], p[2], rp[2], cores, rss, stats)
-	fmt.Fprintf(out, "acquire_per_s=%.0f ceiling_per_s=%.0f ratio=%.3f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f release_p99_ms=%.2f errors=%d agents=%d broker_cpu_cores=%.2f peak_rss_mb=%.0f startup_ms=%.1f active_leases=%d revoke_ms=%.1f\n",
-		acq.perSec, ceiling.perSec, ratio, p[0], p[1], p[2], rp[2], acq.errors+ceiling.errors, o.agents, cores, rss, child.startupMS, child.active, revokeMS)
+	fmt.Fprintf(out, "ceiling %.0f/s (p99 %.2f ms); acquire+release %.0f cycles/s (acquire p50 %.2f p99 %.2f ms, release p99 %.2f ms); broker %.2f cores, peak RSS %.0f MB (at the end %.0f MB anonymous, %.0f MB of the mapped store file); %s\n",
+		ceiling.perSec, percentiles(ceiling.lat)[2], acq.perSec, p[0], p[2], rp[2], cores, rss, anon, file, stats)
+	fmt.Fprintf(out, "acquire_per_s=%.0f ceiling_per_s=%.0f ratio=%.3f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f release_p99_ms=%.2f errors=%d agents=%d broker_cpu_cores=%.2f peak_rss_mb=%.0f anon_rss_mb=%.0f startup_ms=%.1f active_leases=%d revoke_ms=%.1f\n",
+		acq.perSec, ceiling.perSec, ratio, p[0], p[1], p[2], rp[2], acq.errors+ceiling.errors, o.agents, cores, rss, anon, child.startupMS, child.active, revokeMS)
 	if acq.firstErr != nil {
 		return fmt.Errorf("%d calls failed, first: %w", acq.errors, acq.firstErr)
 	}
@@ -330,12 +330,19 @@ func prefill(path string, n, victim int, out io.Writer) error {
 	now := time.Now()
 	t0 := time.Now()
 	const batch = 20_000
+	// Ids like the broker's own: milliseconds first, so they sort by age
+	// (here: 100 leases per millisecond, starting an hour ago).
+	base := uint64(now.Add(-time.Hour).UnixMilli())
 	mk := func(i int, agent string) *store.Lease {
 		var id [16]byte
-		for b := range 8 {
-			id[b] = byte(uint64(i) >> (8 * b))
+		ms := base + uint64(i/100)
+		for b := range 6 {
+			id[b] = byte(ms >> (8 * (5 - b)))
 		}
-		copy(id[8:], "prefill!")
+		for b := range 4 {
+			id[6+b] = byte(uint32(i) >> (8 * (3 - b)))
+		}
+		copy(id[10:], "prefil")
 		return &store.Lease{ID: "ls_" + hex.EncodeToString(id[:]), AgentID: agent, Credential: benchCred, Backend: static.Name,
 			Scopes: []string{"read"}, TaskID: fmt.Sprintf("prefill-%d", i/10), GrantID: "gr_prefill", State: store.LeaseActive,
 			TTL: 24 * time.Hour, IssuedAt: now, ExpiresAt: now.Add(24 * time.Hour), MaxExpiresAt: now.Add(24 * time.Hour), CredentialVersion: 1}
@@ -426,19 +433,30 @@ func (c *brokerChild) cpu() (time.Duration, error) {
 	return time.Duration(ut+st) * time.Second / hz, nil
 }
 
-// peakRSS is the broker's peak resident set (VmHWM) in MB.
-func (c *brokerChild) peakRSS() (float64, error) {
+// memory reads the broker's peak resident set (VmHWM) and the current
+// split of its resident set into anonymous memory (Go heap, stacks) and
+// pages of the mmap'd store file (page cache the kernel can reclaim), in MB.
+func (c *brokerChild) memory() (peak, anon, file float64, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", c.cmd.Process.Pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
+	fields := map[string]*float64{"VmHWM:": &peak, "RssAnon:": &anon, "RssFile:": &file}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-			return kb / 1024, err
+		for name, dst := range fields {
+			if v, ok := strings.CutPrefix(line, name); ok {
+				kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+				if err != nil {
+					return 0, 0, 0, err
+				}
+				*dst = kb / 1024
+			}
 		}
 	}
-	return 0, errors.New("no VmHWM in /proc status")
+	if peak == 0 {
+		return 0, 0, 0, errors.New("no VmHWM in /proc status")
+	}
+	return peak, anon, file, nil
 }
 
 // stop ends the broker and returns its commit statistics line.

@@ -49,5 +49,5 @@ func TestAcquireBenchSmall(t *testing.T) {
 	require.Contains(t, out.String(), "  acquire    1s", "progress is shown while it runs")
 	lines := bytes.Split(bytes.TrimSpace(out.Bytes()), []byte("\n"))
 	last := string(lines[len(lines)-1])
-	require.Regexp(t, regexp.MustCompile(`^acquire_per_s=[1-9]\d* ceiling_per_s=[1-9]\d* ratio=[\d.]+ p50_ms=[\d.]+ p90_ms=[\d.]+ p99_ms=[\d.]+ release_p99_ms=[\d.]+ errors=0 agents=3 broker_cpu_cores=[\d.]+ peak_rss_mb=[1-9]\d* startup_ms=[\d.]+ active_leases=340 revoke_ms=[\d.]+$`), last)
+	require.Regexp(t, regexp.MustCompile(`^acquire_per_s=[1-9]\d* ceiling_per_s=[1-9]\d* ratio=[\d.]+ p50_ms=[\d.]+ p90_ms=[\d.]+ p99_ms=[\d.]+ release_p99_ms=[\d.]+ errors=0 agents=3 broker_cpu_cores=[\d.]+ peak_rss_mb=[1-9]\d* anon_rss_mb=[1-9]\d* startup_ms=[\d.]+ active_leases=340 revoke_ms=[\d.]+$`), last)
 }

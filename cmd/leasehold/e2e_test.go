@@ -73,7 +73,13 @@ func startProcess(t *testing.T, dir string, args ...string) (*exec.Cmd, *lockedB
 // startProcessEnv is startProcess with extra environment variables.
 func startProcessEnv(t *testing.T, dir string, env []string, args ...string) (*exec.Cmd, *lockedBuffer, *lockedBuffer) {
 	t.Helper()
-	cmd := exec.Command(leaseholdBin, args...)
+	return startBinary(t, leaseholdBin, dir, env, args...)
+}
+
+// startBinary is startProcessEnv for a copy of the binary at another path.
+func startBinary(t *testing.T, bin, dir string, env []string, args ...string) (*exec.Cmd, *lockedBuffer, *lockedBuffer) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), env...)
 	stdout, stderr := &lockedBuffer{}, &lockedBuffer{}

@@ -55,6 +55,10 @@ var (
 		bLeases, bLeaseByAgent, bLeaseByTask, bLeaseByGrant, bLeaseByCred, bLeaseExpiry,
 		bAudit, bAuditByAgent, bAuditByCred, bAuditByTask, bAuditByLease, bAuditByTrace, bAuditByDecision, bAuditByTime, bCursors, bRevocations, bRevocationsDue}
 
+	// appendFill is the FillPercent for buckets whose keys mostly arrive in
+	// order; some room is left for records that grow when updated.
+	appendFill = 0.9
+
 	keySchema        = []byte("schema_version")
 	keyLastAuditTime = []byte("last_audit_time")
 	keyAuditHead     = []byte("audit_head")
@@ -440,6 +444,9 @@ func (t *boltTx) PutLease(l *store.Lease) error {
 	}
 	b := t.tx.Bucket(bLeases)
 	exp := t.tx.Bucket(bLeaseExpiry)
+	// Lease ids and expiry keys grow with time, so new keys land at the end
+	// of their bucket: split pages nearly full rather than half full.
+	b.FillPercent, exp.FillPercent = appendFill, appendFill
 	wasActive := false
 	if old := b.Get([]byte(l.ID)); old != nil {
 		prev, err := decode[store.Lease](old, "lease")
