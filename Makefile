@@ -19,7 +19,7 @@ NODE_DEPS := examples/node/node_modules/.package-lock.json
 
 SPIRE := $(BIN)/spire-server $(BIN)/spire-agent
 
-tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(SPIRE) $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
+tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(SPIRE) $(BIN)/hydra $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
 
 $(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
 	cd tools/proto && GOBIN=$(BIN) go install tool
@@ -36,6 +36,11 @@ $(BIN)/jaeger: tools/jaeger/go.mod tools/jaeger/go.sum
 $(SPIRE) &: tools/spire/go.mod tools/spire/go.sum
 	cd tools/spire && GOBIN=$(BIN) go install tool
 	@touch $(SPIRE)
+
+# ORY Hydra, the OAuth2 server the OAuth2 backend is tested against (~2 min cold).
+$(BIN)/hydra: tools/hydra/go.mod tools/hydra/go.sum
+	cd tools/hydra && GOBIN=$(BIN) go install -tags sqlite,sqlite_omit_load_extension tool
+	@touch $@
 
 # The Node.js example agent's gRPC libraries, for its round-trip test.
 $(NODE_DEPS): examples/node/package.json examples/node/package-lock.json
@@ -72,7 +77,8 @@ test: deps tools generate-check lint test-go ## every check and test (what CI ru
 
 test-go: tools ## go test -race over every package
 	LEASEHOLD_GRPCURL=$(BIN)/grpcurl LEASEHOLD_JAEGER=$(BIN)/jaeger \
-	LEASEHOLD_SPIRE_SERVER=$(BIN)/spire-server LEASEHOLD_SPIRE_AGENT=$(BIN)/spire-agent $(GO_TEST) ./...
+	LEASEHOLD_SPIRE_SERVER=$(BIN)/spire-server LEASEHOLD_SPIRE_AGENT=$(BIN)/spire-agent LEASEHOLD_HYDRA=$(BIN)/hydra \
+	$(GO_TEST) ./...
 
 BENCH_DIR ?= /var/tmp/leasehold-bench
 

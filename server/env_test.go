@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/oauth2"
 	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
 	"github.com/leasehold/leasehold/client"
@@ -173,6 +174,7 @@ func (e *env) start() {
 	reg.Register(static.Name, static.Backend{})
 	reg.Register("recording", recorder)
 	reg.Register(postgres.Name, e.pg)
+	reg.Register(oauth2.Name, &oauth2.Backend{})
 	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,

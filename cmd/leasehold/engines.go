@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/oauth2"
 	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
 	"github.com/leasehold/leasehold/server"
@@ -48,6 +49,7 @@ func newSinks(cfgs []SinkConfig) []server.AuditSink {
 func newBackends() (r *backends.Registry, close func()) {
 	r = backends.NewRegistry()
 	r.Register(static.Name, static.Backend{})
+	r.Register(oauth2.Name, &oauth2.Backend{})
 	pg := postgres.New()
 	r.Register(postgres.Name, pg)
 	return r, pg.Close

@@ -1,0 +1,77 @@
+package server_test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/leasehold/leasehold/backends/oauth2/hydratest"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
+)
+
+// An OAuth2 credential on a real Hydra: each lease is an access token for
+// exactly its scopes, revoked at the server through the revocation queue
+// when the lease is released or its agent revoked; the client secret never
+// leaves the broker and no token is written anywhere in clear.
+func TestOAuth2LeasesAreTokensRevokedAtTheServer(t *testing.T) {
+	h := hydratest.Start(t)
+	c := h.CreateClient(t, "client_secret_basic", "mail.read", "mail.send")
+	e := newEnv(t, noQuotas, func(cfg *server.Config) {
+		cfg.RevocationMinBackoff, cfg.RevocationMaxBackoff, cfg.RevocationPoll = 50*time.Millisecond, 200*time.Millisecond, 50*time.Millisecond
+	})
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "mail/api", Backend: "oauth2",
+		Config: map[string]string{"token_url": h.TokenURL(), "revocation_url": h.RevocationURL(), "scopes": "mail.read mail.send"},
+		Secret: map[string]string{"client_id": c.ID, "client_secret": c.Secret}})
+	require.NoError(t, err)
+	e.grant("mail/api", agent1ID, "mail.read")
+
+	l, err := e.agent1.AcquireLease(ctx, acquireReq("mail/api", "summarize-inbox", "mail.read"))
+	require.NoError(t, err)
+	sec := l.GetSecret()
+	require.Len(t, sec, 4)
+	token := sec["access_token"]
+	in := h.Introspect(t, token)
+	require.True(t, in.Active)
+	require.Equal(t, "mail.read", in.Scope)
+	require.False(t, l.GetLease().GetExpiresAt().AsTime().After(time.Unix(in.Exp, 0)), "the lease ends no later than its token")
+
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("mail/api", "t", "mail.send"))
+	requireCode(t, err, codes.PermissionDenied, "mail.send")
+	_, err = e.agent2.AcquireLease(ctx, acquireReq("mail/api", "t", "mail.read"))
+	requireCode(t, err, codes.PermissionDenied, "")
+
+	_, err = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: l.GetLease().GetId()})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return !h.Introspect(t, token).Active }, 10*time.Second, 50*time.Millisecond,
+		"a released lease's token is revoked at the server")
+
+	var tokens []string
+	for _, task := range []string{"a", "b"} {
+		l, err := e.agent1.AcquireLease(ctx, acquireReq("mail/api", task, "mail.read"))
+		require.NoError(t, err)
+		tokens = append(tokens, l.GetSecret()["access_token"])
+	}
+	_, err = e.admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "compromised"})
+	require.NoError(t, err)
+	for _, tok := range tokens {
+		require.Eventually(t, func() bool { return !h.Introspect(t, tok).Active }, 10*time.Second, 50*time.Millisecond,
+			"revoking the agent revokes its tokens at the server")
+	}
+
+	audit, err := protojson.Marshal(&leaseholdv1.QueryAuditResponse{Records: e.audit(nil)})
+	require.NoError(t, err)
+	e.stop()
+	db, err := os.ReadFile(filepath.Join(e.dir, "leasehold.db"))
+	require.NoError(t, err)
+	for _, secret := range append(tokens, token, c.Secret) {
+		require.NotContains(t, string(audit), secret)
+		require.NotContains(t, e.logs.String(), secret)
+		require.NotContains(t, string(db), secret, "tokens and the client secret are sealed at rest")
+	}
+}
