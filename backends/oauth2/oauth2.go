@@ -174,15 +174,35 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 			"expires_at":   []byte(exp.UTC().Format(time.RFC3339)),
 			"scope":        []byte(scope),
 		},
-		Artifact:  []byte(tok.AccessToken),
+		Artifact:  encodeArtifact(tok.AccessToken, exp),
 		ExpiresAt: exp,
 	}, nil
 }
 
+// The artifact is "<expiry unix seconds> <access token>": Revoke needs the
+// token, Renew its expiry.
+func encodeArtifact(token string, exp time.Time) []byte {
+	return []byte(strconv.FormatInt(exp.Unix(), 10) + " " + token)
+}
+
+// decodeArtifact returns the token and, when recorded, its expiry; an
+// artifact without one is taken as a bare token.
+func decodeArtifact(a []byte) (token string, exp time.Time) {
+	secs, tok, found := strings.Cut(string(a), " ")
+	n, err := strconv.ParseInt(secs, 10, 64)
+	if !found || err != nil || tok == "" {
+		return string(a), time.Time{}
+	}
+	return tok, time.Unix(n, 0)
+}
+
 // Renew implements backends.Backend. An access token cannot be extended:
-// the lease may run until the token expires (recorded as the lease's expiry
-// at issue), and an agent that needs longer acquires again.
-func (b *Backend) Renew(_ context.Context, _ backends.LeaseRef, expiresAt time.Time) (time.Time, error) {
+// a lease renews up to its token's expiry and no further; an agent that
+// needs longer acquires again and gets a fresh token.
+func (b *Backend) Renew(_ context.Context, ref backends.LeaseRef, expiresAt time.Time) (time.Time, error) {
+	if _, exp := decodeArtifact(ref.Artifact); !exp.IsZero() && exp.Before(expiresAt) {
+		return exp, nil
+	}
 	return expiresAt, nil
 }
 
@@ -197,7 +217,8 @@ func (b *Backend) Revoke(ctx context.Context, ref backends.LeaseRef) error {
 	if c.revocationURL == "" || len(ref.Artifact) == 0 {
 		return nil
 	}
-	form := url.Values{"token": {string(ref.Artifact)}, "token_type_hint": {"access_token"}}
+	token, _ := decodeArtifact(ref.Artifact)
+	form := url.Values{"token": {token}, "token_type_hint": {"access_token"}}
 	if c.authStyle == oauth2.AuthStyleInParams {
 		form.Set("client_id", c.clientID)
 		form.Set("client_secret", c.clientSecret)

@@ -49,6 +49,16 @@ func TestTokenScopesExpiryAndRevocation(t *testing.T) {
 	require.True(t, got.ExpiresAt.Before(want), "Hydra's tokens live an hour: the lease is shortened to the token")
 	require.Equal(t, got.ExpiresAt.UTC().Format(time.RFC3339), string(got.Secret["expires_at"]))
 
+	// Renewal stops at the token's expiry.
+	ref := backends.LeaseRef{Spec: s, LeaseID: "ls_1", Artifact: got.Artifact}
+	renewed, err := b.Renew(ctx, ref, want)
+	require.NoError(t, err)
+	require.Equal(t, got.ExpiresAt.Unix(), renewed.Unix(), "a lease cannot outlive its token")
+	sooner := time.Now().Add(time.Minute)
+	renewed, err = b.Renew(ctx, ref, sooner)
+	require.NoError(t, err)
+	require.Equal(t, sooner, renewed)
+
 	in := h.Introspect(t, string(got.Secret["access_token"]))
 	require.True(t, in.Active)
 	require.Equal(t, "mail.read", in.Scope, "exactly the requested scope, not everything the client may get")
