@@ -420,6 +420,9 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 	if err := validText("reason", req.GetReason()); err != nil {
 		return nil, err
 	}
+	if id == callerFrom(ctx) {
+		return nil, errPrecondition("an admin cannot revoke itself: it could then not reinstate anyone; ask another admin")
+	}
 	now := s.now()
 	var agent *store.Agent
 	// One transaction: the revocation, the end of every active lease and

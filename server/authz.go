@@ -74,6 +74,16 @@ func (s *Server) authorize(ctx context.Context, fullMethod string) (context.Cont
 	case accessAdmin:
 		if !s.cfg.Admins.IsAdmin(id) {
 			denial = errDenied("%s is not an admin; %s is an admin RPC", id, fullMethod)
+			break
+		}
+		// A configured admin that has been revoked (its SVID stolen, say)
+		// is refused until another admin reinstates it.
+		err := s.store.View(ctx, func(tx store.ReadTx) error {
+			denial = checkAgentActive(tx, id.String())
+			return nil
+		})
+		if err != nil {
+			return ctx, err
 		}
 	default:
 		denial = errDenied("%s is not in the broker's authorization table", fullMethod)

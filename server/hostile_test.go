@@ -23,6 +23,7 @@ import (
 
 	"github.com/leasehold/leasehold/identity"
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
 )
 
 // Clients the broker must not let in: the handshake fails (Unavailable on
@@ -95,4 +96,33 @@ func selfSignedNoURI(t *testing.T) tls.Certificate {
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	require.NoError(t, err)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// A configured admin whose SVID is revoked is refused admin RPCs until
+// another admin reinstates it; an admin cannot revoke itself.
+func TestRevokedAdminIsRefused(t *testing.T) {
+	const admin2 = "spiffe://leasehold.test/ops/second-admin"
+	e := newEnv(t, func(c *server.Config) {
+		admins, err := identity.NewAdminSet(td, []string{adminID, admin2})
+		require.NoError(t, err)
+		c.Admins = admins
+	})
+	second := leaseholdv1.NewAdminServiceClient(e.dial(admin2))
+	_, err := second.ListAgents(ctx, &leaseholdv1.ListAgentsRequest{})
+	require.NoError(t, err)
+
+	_, err = e.admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: adminID, Reason: "oops"})
+	requireCode(t, err, codes.FailedPrecondition, "cannot revoke itself")
+
+	_, err = e.admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: admin2, Reason: "SVID stolen"})
+	require.NoError(t, err)
+	_, err = second.ListAgents(ctx, &leaseholdv1.ListAgentsRequest{})
+	requireCode(t, err, codes.PermissionDenied, "revoked")
+	_, err = second.ReinstateAgent(ctx, &leaseholdv1.ReinstateAgentRequest{SpiffeId: admin2})
+	requireCode(t, err, codes.PermissionDenied, "revoked")
+
+	_, err = e.admin.ReinstateAgent(ctx, &leaseholdv1.ReinstateAgentRequest{SpiffeId: admin2})
+	require.NoError(t, err)
+	_, err = second.ListAgents(ctx, &leaseholdv1.ListAgentsRequest{})
+	require.NoError(t, err)
 }
