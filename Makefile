@@ -7,7 +7,7 @@ PROTO_TOOLS := $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc $(BIN)/grpcurl
 GO_TEST     ?= go test -race -count=1
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help deps tools grpcurl build example-orchestrator generate generate-check lint breaking test test-go bench bench-postgres fuzz demo clean
+.PHONY: help deps tools grpcurl build example-orchestrator generate generate-check lint breaking test test-go bench bench-postgres soak fuzz demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -91,6 +91,9 @@ bench: ## load test with the ratio to the ceiling, scale figures, Go benchmarks 
 
 bench-postgres: deps ## PostgreSQL leases issued and roles revoked per second (docs/benchmarks.md)
 	go test -run '^$$' -bench 'Postgres' -benchtime 3000x -count 3 ./server/
+
+soak: ## 50 SIGKILL crash cycles under load against the broker binary (docs/reliability.md)
+	LEASEHOLD_CRASH_CYCLES=50 go test -count=1 -run TestCrashCycles -v ./cmd/leasehold/ | grep -E 'cycle|PASS|FAIL|ok'
 
 FUZZTIME ?= 30s
 fuzz: ## run every fuzz target for FUZZTIME each
