@@ -48,6 +48,11 @@ type IssueRequest struct {
 	TaskID    string
 	Scopes    []string
 	ExpiresAt time.Time
+	// UpdateSecret, when set, stores secret as the credential's new current
+	// version. A backend calls it when the upstream has replaced stored
+	// material while issuing (an OAuth2 server rotating a refresh token),
+	// before Issue returns and before it uses the replaced material again.
+	UpdateSecret func(ctx context.Context, secret map[string][]byte) error
 }
 
 // Issued is what a backend returns for a lease.

@@ -264,6 +264,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	bctx, bspan := s.startSpan(ctx, "backend.issue", attribute.String("leasehold.backend", cred.Backend))
 	issued, err := backend.Issue(bctx, backends.IssueRequest{
 		Spec: spec, LeaseID: lease.ID, AgentID: agent, TaskID: lease.TaskID, Scopes: lease.Scopes, ExpiresAt: expires,
+		UpdateSecret: s.secretUpdater(cred.Name, agent),
 	})
 	endSpan(bspan, err)
 	if err != nil {

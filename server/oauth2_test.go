@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -73,5 +74,58 @@ func TestOAuth2LeasesAreTokensRevokedAtTheServer(t *testing.T) {
 		require.NotContains(t, string(audit), secret)
 		require.NotContains(t, e.logs.String(), secret)
 		require.NotContains(t, string(db), secret, "tokens and the client secret are sealed at rest")
+	}
+}
+
+// Delegated user access through the broker: the refresh token Hydra
+// rotates on every use is stored as a new credential version (audited,
+// sealed) before it is used again, so the broker keeps working across a
+// restart; no refresh token reaches the agent, the audit trail, the log or
+// the store file in clear.
+func TestOAuth2RefreshTokenRotationIsStored(t *testing.T) {
+	h := hydratest.Start(t)
+	c := h.CreateUserClient(t, "mail.read")
+	rt := h.UserRefreshToken(t, c, "user-17", "mail.read")
+	e := newEnv(t, noQuotas)
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "mail/user-17", Backend: "oauth2",
+		Config: map[string]string{"token_url": h.TokenURL(), "scopes": "mail.read", "grant": "refresh_token"},
+		Secret: map[string]string{"client_id": c.ID, "client_secret": c.Secret, "refresh_token": rt}})
+	require.NoError(t, err)
+	e.grant("mail/user-17", agent1ID, "mail.read")
+
+	var tokens []string
+	for i := range 3 {
+		l, err := e.agent1.AcquireLease(ctx, acquireReq("mail/user-17", fmt.Sprintf("inbox-%d", i), "mail.read"))
+		require.NoError(t, err)
+		require.NotContains(t, l.GetSecret(), "refresh_token")
+		require.Equal(t, "user-17", h.Introspect(t, l.GetSecret()["access_token"]).Subject)
+		tokens = append(tokens, l.GetSecret()["access_token"])
+		if i == 1 {
+			e.restart() // a new process starts from the stored, newest refresh token
+		}
+	}
+	got, err := e.admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: "mail/user-17"})
+	require.NoError(t, err)
+	require.Equal(t, uint64(4), got.GetCredential().GetCurrentVersion(), "one new version per rotation")
+	rotations := e.audit(&leaseholdv1.QueryAuditRequest{Credential: "mail/user-17"})
+	n := 0
+	for _, r := range rotations {
+		if r.GetEvent() == leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE {
+			n++
+			require.Equal(t, "leasehold:upstream", r.GetActor())
+			require.Equal(t, agent1ID, r.GetAgentId(), "the acquire that caused it")
+		}
+	}
+	require.Equal(t, 3, n)
+
+	audit, err := protojson.Marshal(&leaseholdv1.QueryAuditResponse{Records: e.audit(nil)})
+	require.NoError(t, err)
+	e.stop()
+	db, err := os.ReadFile(filepath.Join(e.dir, "leasehold.db"))
+	require.NoError(t, err)
+	for _, secret := range append(tokens, rt, c.Secret) {
+		require.NotContains(t, string(audit), secret)
+		require.NotContains(t, e.logs.String(), secret)
+		require.NotContains(t, string(db), secret)
 	}
 }

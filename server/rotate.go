@@ -89,3 +89,39 @@ func (a *adminService) RotateCredential(ctx context.Context, req *leaseholdv1.Ro
 	}
 	return &leaseholdv1.RotateCredentialResponse{Credential: credentialToProto(out)}, nil
 }
+
+// upstreamActor is the audit actor for secrets an upstream replaced.
+const upstreamActor = "leasehold:upstream"
+
+// secretUpdater returns what backends.IssueRequest.UpdateSecret calls: it
+// stores a secret the upstream replaced while issuing (an OAuth2 server
+// rotating the refresh token) as the credential's new version, with an
+// audit record, durably before the backend goes on. The record names the
+// agent whose acquire caused it; it holds no secret.
+func (s *Server) secretUpdater(name, agent string) func(context.Context, map[string][]byte) error {
+	return func(ctx context.Context, secret map[string][]byte) error {
+		plain := make(map[string]string, len(secret))
+		for k, v := range secret {
+			plain[k] = string(v)
+		}
+		now := s.now()
+		err := s.store.Update(ctx, func(tx store.Tx) error {
+			c, err := tx.GetCredential(name)
+			if err != nil {
+				return err
+			}
+			if err := s.addVersion(tx, c, plain, now); err != nil {
+				return err
+			}
+			if err := tx.PutCredential(c); err != nil {
+				return err
+			}
+			return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventCredentialRotate, Credential: name, Actor: upstreamActor,
+				AgentID: agent, Reason: fmt.Sprintf("the upstream replaced stored material while issuing a lease; version %d", c.CurrentVersion)})
+		})
+		if err != nil {
+			s.log.ErrorContext(ctx, "storing a secret the upstream replaced failed", "credential", name, "error", err.Error())
+		}
+		return err
+	}
+}

@@ -1,31 +1,54 @@
 // Package oauth2 mints short-lived OAuth2 access tokens for leases. The
-// broker holds the client's long-lived secret; each lease gets an access
-// token for exactly the requested scopes from the client-credentials grant,
-// and the token is revoked at the server (RFC 7009) when the lease ends, if
-// the credential names a revocation endpoint. The agent receives
-// access_token, token_type, expires_at and scope, never the client secret.
+// broker holds the long-lived material; each lease gets an access token for
+// exactly the requested scopes, and the token is revoked at the server
+// (RFC 7009) when the lease ends, if the credential names a revocation
+// endpoint. The agent receives access_token, token_type, expires_at and
+// scope, never the client secret or a refresh token.
+//
+// Two grants:
+//
+//   - client_credentials (default): the broker holds the client id and
+//     secret and asks for a token per lease;
+//   - refresh_token (delegated user access): the broker also holds a user's
+//     refresh token and redeems it per lease, asking for the lease's scopes
+//     only. When the server returns a new refresh token (rotation), it is
+//     stored as the credential's new version before the token is used again;
+//     refreshes of one credential run one at a time, since servers that
+//     rotate treat the reuse of a replaced refresh token as theft. Access
+//     tokens from this grant are not revoked when their lease ends (servers
+//     such as Hydra would revoke the user's refresh token with them); they
+//     expire on their own.
 //
 // Credential config:
 //
 //	token_url        the token endpoint (https, or http on loopback)
 //	revocation_url   optional RFC 7009 revocation endpoint
 //	scopes           space-separated scopes this credential may ever grant
+//	grant            client_credentials (default) or refresh_token
 //	auth_method      client_secret_basic (default) or client_secret_post
 //	audience         optional audience parameter sent with each request
+//	scope_narrowing  required (default): a token whose granted scope is
+//	                 broader than the lease's is revoked and the lease
+//	                 refused; best_effort: it is handed out, and its
+//	                 scope field says what it really carries
 //
-// Credential secret: client_id, client_secret.
+// Credential secret: client_id, client_secret, and refresh_token for the
+// refresh_token grant.
 package oauth2
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"maps"
 	"net/url"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -37,11 +60,38 @@ import (
 // Name is the registry name of this backend.
 const Name = "oauth2"
 
-// Backend is the OAuth2 client-credentials backend.
+// Backend is the OAuth2 backend. Use it as a pointer; the zero value is
+// ready.
 type Backend struct {
 	// HTTPClient talks to the authorization server. Default: a client with
 	// a 10 s timeout.
 	HTTPClient *http.Client
+
+	mu      sync.Mutex
+	refresh map[string]*refreshChain // by credential name
+}
+
+// refreshChain serializes one credential's refreshes and remembers the
+// refresh tokens this process has seen replaced, so that a spec read from
+// the store just before a rotation was stored still uses the newest token.
+type refreshChain struct {
+	mu       sync.Mutex
+	replaced map[[32]byte]bool // hashes of refresh tokens the server replaced
+	latest   []byte
+}
+
+func (b *Backend) chain(name string) *refreshChain {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.refresh == nil {
+		b.refresh = map[string]*refreshChain{}
+	}
+	c := b.refresh[name]
+	if c == nil {
+		c = &refreshChain{replaced: map[[32]byte]bool{}}
+		b.refresh[name] = c
+	}
+	return c
 }
 
 var _ backends.Backend = (*Backend)(nil)
@@ -51,9 +101,11 @@ type config struct {
 	scopes                            []string
 	authStyle                         oauth2.AuthStyle
 	clientID, clientSecret            string
+	refreshToken                      []byte // set for the refresh_token grant
+	bestEffort                        bool   // scope_narrowing: best_effort
 }
 
-var knownConfig = []string{"token_url", "revocation_url", "scopes", "auth_method", "audience"}
+var knownConfig = []string{"token_url", "revocation_url", "scopes", "grant", "auth_method", "audience", "scope_narrowing"}
 
 func parse(spec backends.Spec) (*config, error) {
 	for k := range spec.Config {
@@ -80,9 +132,28 @@ func parse(spec backends.Spec) (*config, error) {
 	default:
 		return nil, fmt.Errorf("%w: config.auth_method: must be client_secret_basic or client_secret_post", backends.ErrInvalidConfig)
 	}
+	switch spec.Config["scope_narrowing"] {
+	case "", "required":
+	case "best_effort":
+		c.bestEffort = true
+	default:
+		return nil, fmt.Errorf("%w: config.scope_narrowing: must be required or best_effort", backends.ErrInvalidConfig)
+	}
+	fields := []string{"client_id", "client_secret"}
+	switch spec.Config["grant"] {
+	case "", "client_credentials":
+	case "refresh_token":
+		fields = append(fields, "refresh_token")
+		c.refreshToken = spec.Secret["refresh_token"]
+		if len(c.refreshToken) == 0 {
+			return nil, fmt.Errorf("%w: secret.refresh_token: is required for the refresh_token grant", backends.ErrInvalidConfig)
+		}
+	default:
+		return nil, fmt.Errorf("%w: config.grant: must be client_credentials or refresh_token", backends.ErrInvalidConfig)
+	}
 	for k := range spec.Secret {
-		if k != "client_id" && k != "client_secret" {
-			return nil, fmt.Errorf("%w: secret.%s: unknown field (valid: client_id, client_secret)", backends.ErrInvalidConfig, k)
+		if !slices.Contains(fields, k) {
+			return nil, fmt.Errorf("%w: secret.%s: unknown field for this grant (valid: %s)", backends.ErrInvalidConfig, k, strings.Join(fields, ", "))
 		}
 	}
 	c.clientID, c.clientSecret = string(spec.Secret["client_id"]), string(spec.Secret["client_secret"])
@@ -146,12 +217,17 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 			return nil, fmt.Errorf("%w: %q (this credential grants: %s)", backends.ErrUnsupportedScope, s, strings.Join(c.scopes, " "))
 		}
 	}
-	cc := clientcredentials.Config{ClientID: c.clientID, ClientSecret: c.clientSecret, TokenURL: c.tokenURL,
-		Scopes: req.Scopes, AuthStyle: c.authStyle}
-	if c.audience != "" {
-		cc.EndpointParams = url.Values{"audience": {c.audience}}
+	var tok *oauth2.Token
+	if c.refreshToken != nil {
+		tok, err = b.redeem(ctx, req, c)
+	} else {
+		cc := clientcredentials.Config{ClientID: c.clientID, ClientSecret: c.clientSecret, TokenURL: c.tokenURL,
+			Scopes: req.Scopes, AuthStyle: c.authStyle}
+		if c.audience != "" {
+			cc.EndpointParams = url.Values{"audience": {c.audience}}
+		}
+		tok, err = cc.Token(context.WithValue(ctx, oauth2.HTTPClient, b.client()))
 	}
-	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, b.client()))
 	if err != nil {
 		return nil, upstreamError("token request", err)
 	}
@@ -160,7 +236,14 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 	}
 	scope := strings.Join(req.Scopes, " ")
 	if s, ok := tok.Extra("scope").(string); ok && s != "" {
-		scope = s
+		scope = s // RFC 6749 5.1: present when it differs from the request
+	}
+	if extra := broader(strings.Fields(scope), req.Scopes); len(extra) > 0 && !c.bestEffort {
+		// Least privilege or nothing: take the token back (it never left).
+		_ = b.Revoke(context.WithoutCancel(ctx), backends.LeaseRef{Spec: req.Spec, LeaseID: req.LeaseID, Artifact: []byte(tok.AccessToken)})
+		return nil, fmt.Errorf("%w: the server granted %q for a lease of %q, which is broader (it does not narrow this grant); "+
+			"consent only the scopes needed, or set config.scope_narrowing=best_effort to accept it",
+			backends.ErrUpstreamRejected, scope, strings.Join(req.Scopes, " "))
 	}
 	exp := req.ExpiresAt
 	if !tok.Expiry.IsZero() && tok.Expiry.Before(exp) {
@@ -177,6 +260,61 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 		Artifact:  encodeArtifact(tok.AccessToken, exp),
 		ExpiresAt: exp,
 	}, nil
+}
+
+// broader lists the granted scopes beyond the requested ones, ignoring
+// offline_access/offline: they allow refresh tokens, which the agent never
+// receives.
+func broader(granted, requested []string) []string {
+	var extra []string
+	for _, g := range granted {
+		if g != "offline_access" && g != "offline" && !slices.Contains(requested, g) {
+			extra = append(extra, g)
+		}
+	}
+	return extra
+}
+
+// redeem runs the refresh_token grant for req's scopes, one at a time per
+// credential, and stores a refresh token the server rotated before the
+// next redemption can use it.
+func (b *Backend) redeem(ctx context.Context, req backends.IssueRequest, c *config) (*oauth2.Token, error) {
+	ch := b.chain(req.Spec.Name)
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	rt := c.refreshToken
+	if ch.latest != nil && ch.replaced[sha256.Sum256(rt)] {
+		// The store still has a token this process already saw replaced
+		// (its update may be in flight): use the newest.
+		rt = ch.latest
+	}
+	// The refresh grant with the lease's scopes (RFC 6749 section 6 lets a
+	// refresh narrow them). x/oauth2's own refresh cannot send a scope;
+	// its client-credentials request can, and allows replacing grant_type.
+	params := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {string(rt)}}
+	if c.audience != "" {
+		params.Set("audience", c.audience)
+	}
+	cc := clientcredentials.Config{ClientID: c.clientID, ClientSecret: c.clientSecret, TokenURL: c.tokenURL,
+		Scopes: req.Scopes, AuthStyle: c.authStyle, EndpointParams: params}
+	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, b.client()))
+	if err != nil {
+		return nil, err
+	}
+	if tok.RefreshToken != "" && tok.RefreshToken != string(rt) {
+		next := maps.Clone(req.Spec.Secret)
+		next["refresh_token"] = []byte(tok.RefreshToken)
+		if req.UpdateSecret != nil {
+			if err := req.UpdateSecret(ctx, next); err != nil {
+				// Keep the chain in memory so this process still uses the
+				// newest token; the error fails this lease.
+				ch.replaced[sha256.Sum256(rt)], ch.latest = true, []byte(tok.RefreshToken)
+				return nil, fmt.Errorf("%w: storing the rotated refresh token: %v", backends.ErrUpstreamUnavailable, err)
+			}
+		}
+		ch.replaced[sha256.Sum256(rt)], ch.latest = true, []byte(tok.RefreshToken)
+	}
+	return tok, nil
 }
 
 // The artifact is "<expiry unix seconds> <access token>": Revoke needs the
@@ -214,7 +352,11 @@ func (b *Backend) Revoke(ctx context.Context, ref backends.LeaseRef) error {
 	if err != nil {
 		return err
 	}
-	if c.revocationURL == "" || len(ref.Artifact) == 0 {
+	if c.revocationURL == "" || len(ref.Artifact) == 0 || c.refreshToken != nil {
+		// Under the refresh_token grant, servers built on fosite (Hydra)
+		// revoke every token of the grant, the user's refresh token
+		// included, when one access token is revoked; the lease's token is
+		// left to expire (minutes) instead of ending the delegation.
 		return nil
 	}
 	token, _ := decodeArtifact(ref.Artifact)

@@ -2,7 +2,10 @@ package oauth2_test
 
 import (
 	"context"
+	"fmt"
+	"maps"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -122,4 +125,93 @@ func keys(m map[string][]byte) []string {
 		out = append(out, k)
 	}
 	return out
+}
+
+func userSpec(h *hydratest.Hydra, c hydratest.Client, refreshToken string) backends.Spec {
+	return backends.Spec{Name: "mail/user-17", Config: map[string]string{
+		"token_url": h.TokenURL(), "revocation_url": h.RevocationURL(), "scopes": "mail.read mail.send", "grant": "refresh_token",
+	}, Secret: map[string][]byte{"client_id": []byte(c.ID), "client_secret": []byte(c.Secret), "refresh_token": []byte(refreshToken)}}
+}
+
+// Delegated user access: each lease redeems the stored refresh token for a
+// token with the lease's scopes only; the server rotates the refresh token
+// and the backend hands the new one to UpdateSecret before using it again,
+// so concurrent leases never present a replaced refresh token (which Hydra
+// treats as theft, revoking the whole chain).
+func TestRefreshTokenGrantRotatesAndNarrows(t *testing.T) {
+	h := hydratest.Start(t)
+	c := h.CreateUserClient(t, "mail.read", "mail.send")
+	rt := h.UserRefreshToken(t, c, "user-17", "mail.read", "mail.send")
+	var (
+		mu     sync.Mutex
+		stored = userSpec(h, c, rt)
+		saves  int
+	)
+	update := func(_ context.Context, secret map[string][]byte) error {
+		mu.Lock()
+		defer mu.Unlock()
+		require.NotEqual(t, string(stored.Secret["refresh_token"]), string(secret["refresh_token"]))
+		require.Equal(t, c.Secret, string(secret["client_secret"]), "the rest of the secret is kept")
+		stored.Secret, saves = secret, saves+1
+		return nil
+	}
+	current := func() backends.Spec {
+		mu.Lock()
+		defer mu.Unlock()
+		return backends.Spec{Name: stored.Name, Config: stored.Config, Secret: maps.Clone(stored.Secret)}
+	}
+	b := &oauth2.Backend{}
+	ctx := context.Background()
+
+	// Hydra does not narrow a refresh to fewer scopes: by default such a
+	// token is revoked and the lease refused, naming the setting.
+	_, err := b.Issue(ctx, backends.IssueRequest{Spec: current(), LeaseID: "ls_u0", Scopes: []string{"mail.read"},
+		ExpiresAt: time.Now().Add(time.Hour), UpdateSecret: update})
+	require.ErrorIs(t, err, backends.ErrUpstreamRejected)
+	require.ErrorContains(t, err, "scope_narrowing")
+	require.Equal(t, 1, saves, "the rotated refresh token was stored even though the lease was refused")
+
+	// Accepting broader tokens is an explicit choice, and the agent is told
+	// what its token really carries.
+	mu.Lock()
+	stored.Config = maps.Clone(stored.Config)
+	stored.Config["scope_narrowing"] = "best_effort"
+	mu.Unlock()
+	got, err := b.Issue(ctx, backends.IssueRequest{Spec: current(), LeaseID: "ls_u1", Scopes: []string{"mail.read"},
+		ExpiresAt: time.Now().Add(time.Hour), UpdateSecret: update})
+	require.NoError(t, err)
+	require.NotContains(t, keys(got.Secret), "refresh_token", "the agent never gets the refresh token")
+	in := h.Introspect(t, string(got.Secret["access_token"]))
+	require.True(t, in.Active)
+	require.Equal(t, "user-17", in.Subject, "a token acting for the user")
+	require.Equal(t, in.Scope, string(got.Secret["scope"]), "the scope field is what the server granted")
+	require.Equal(t, 2, saves, "Hydra rotated the refresh token again and it was stored")
+
+	// Concurrent leases, each starting from what the store held when it
+	// began (possibly a token already replaced): all succeed.
+	var wg sync.WaitGroup
+	errs := make([]error, 6)
+	for i := range errs {
+		spec := current()
+		wg.Go(func() {
+			_, errs[i] = b.Issue(ctx, backends.IssueRequest{Spec: spec, LeaseID: fmt.Sprintf("ls_u%d", i+2), Scopes: []string{"mail.send"},
+				ExpiresAt: time.Now().Add(time.Hour), UpdateSecret: update})
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		require.NoError(t, err)
+	}
+	require.Equal(t, 8, saves)
+
+	// Another process (a restarted broker) starts from the stored secret.
+	_, err = (&oauth2.Backend{}).Issue(ctx, backends.IssueRequest{Spec: current(), LeaseID: "ls_u9", Scopes: []string{"mail.read"},
+		ExpiresAt: time.Now().Add(time.Hour), UpdateSecret: update})
+	require.NoError(t, err, "the stored refresh token is the newest")
+
+	// The original refresh token is spent: presenting it again fails (and,
+	// at Hydra, revokes the chain), which is why the backend never does.
+	_, err = (&oauth2.Backend{}).Issue(ctx, backends.IssueRequest{Spec: userSpec(h, c, rt), LeaseID: "ls_ux", Scopes: []string{"mail.read"},
+		ExpiresAt: time.Now().Add(time.Hour)})
+	require.ErrorIs(t, err, backends.ErrUpstreamRejected)
 }

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/cookiejar"
 	"net/url"
 	"os"
 	"os/exec"
@@ -74,7 +75,11 @@ func Start(t testing.TB) *Hydra {
 	cmd := exec.Command(bin, "serve", "all", "--dev", "--sqa-opt-out")
 	cmd.Env = append(os.Environ(), "DSN=memory", "SECRETS_SYSTEM="+hex.EncodeToString(secret),
 		"URLS_SELF_ISSUER="+h.PublicURL, "SERVE_PUBLIC_HOST=127.0.0.1", fmt.Sprintf("SERVE_PUBLIC_PORT=%d", pub),
-		"SERVE_ADMIN_HOST=127.0.0.1", fmt.Sprintf("SERVE_ADMIN_PORT=%d", adm), "LOG_LEVEL=warn")
+		"SERVE_ADMIN_HOST=127.0.0.1", fmt.Sprintf("SERVE_ADMIN_PORT=%d", adm), "LOG_LEVEL=warn",
+		// The login and consent "apps" are never contacted: UserRefreshToken
+		// reads the challenges from the redirects and accepts them through
+		// the admin API.
+		"URLS_LOGIN=http://127.0.0.1:9/login", "URLS_CONSENT=http://127.0.0.1:9/consent")
 	var log lockedBuffer
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
@@ -138,9 +143,102 @@ func (h *Hydra) CreateClient(t testing.TB, authMethod string, scopes ...string) 
 	return Client{ID: out.ClientID, Secret: out.ClientSecret}
 }
 
+// redirectURI is registered for user clients; nothing listens there, the
+// code is read from the redirect.
+const redirectURI = "http://127.0.0.1:9/callback"
+
+// CreateUserClient registers a client for delegated user access: the
+// authorization-code and refresh-token grants, offline_access plus scopes.
+func (h *Hydra) CreateUserClient(t testing.TB, scopes ...string) Client {
+	t.Helper()
+	body, _ := json.Marshal(map[string]any{
+		"grant_types": []string{"authorization_code", "refresh_token"}, "response_types": []string{"code"},
+		"scope": strings.Join(append([]string{"offline_access"}, scopes...), " "), "redirect_uris": []string{redirectURI},
+		"token_endpoint_auth_method": "client_secret_basic", "access_token_strategy": "opaque",
+	})
+	resp, err := http.Post(h.AdminURL+"/admin/clients", "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		ClientID     string `json:"client_id"`
+		ClientSecret string `json:"client_secret"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("hydra create client: status %d, %v", resp.StatusCode, err)
+	}
+	return Client{ID: out.ClientID, Secret: out.ClientSecret}
+}
+
+// UserRefreshToken runs the authorization-code flow for subject, as a user
+// logging in and consenting to scopes (plus offline_access) would, and
+// returns the refresh token the client receives.
+func (h *Hydra) UserRefreshToken(t testing.TB, c Client, subject string, scopes ...string) string {
+	t.Helper()
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar, Timeout: 10 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	all := append([]string{"offline_access"}, scopes...)
+	state := make([]byte, 16)
+	_, _ = rand.Read(state)
+	next := h.PublicURL + "/oauth2/auth?" + url.Values{"client_id": {c.ID}, "response_type": {"code"},
+		"scope": {strings.Join(all, " ")}, "redirect_uri": {redirectURI}, "state": {hex.EncodeToString(state)}}.Encode()
+	follow := func(u, param string) string {
+		resp, err := browser.Get(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		loc, err := url.Parse(resp.Header.Get("Location"))
+		if err != nil || loc.Query().Get(param) == "" {
+			t.Fatalf("hydra flow: expected a redirect with %s, got %d %q", param, resp.StatusCode, resp.Header.Get("Location"))
+		}
+		return loc.Query().Get(param)
+	}
+	accept := func(kind, challenge string, body map[string]any) string {
+		b, _ := json.Marshal(body)
+		req, _ := http.NewRequest(http.MethodPut, h.AdminURL+"/admin/oauth2/auth/requests/"+kind+"/accept?"+kind+"_challenge="+url.QueryEscape(challenge), bytes.NewReader(b))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out struct {
+			RedirectTo string `json:"redirect_to"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || out.RedirectTo == "" {
+			t.Fatalf("hydra accept %s: status %d, %v", kind, resp.StatusCode, err)
+		}
+		return out.RedirectTo
+	}
+	login := follow(next, "login_challenge")
+	consent := follow(accept("login", login, map[string]any{"subject": subject}), "consent_challenge")
+	code := follow(accept("consent", consent, map[string]any{"grant_scope": all}), "code")
+
+	req, _ := http.NewRequest(http.MethodPost, h.TokenURL(), strings.NewReader(url.Values{
+		"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirectURI}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.SetBasicAuth(url.QueryEscape(c.ID), url.QueryEscape(c.Secret))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var tok struct {
+		RefreshToken string `json:"refresh_token"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&tok); err != nil || tok.RefreshToken == "" {
+		t.Fatalf("hydra code exchange: status %d, no refresh token (%v)", resp.StatusCode, err)
+	}
+	return tok.RefreshToken
+}
+
 // Introspection is what Hydra says about a token.
 type Introspection struct {
 	Active   bool   `json:"active"`
+	Subject  string `json:"sub"`
 	Scope    string `json:"scope"`
 	ClientID string `json:"client_id"`
 	Exp      int64  `json:"exp"`
