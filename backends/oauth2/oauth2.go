@@ -25,15 +25,19 @@
 //	revocation_url   optional RFC 7009 revocation endpoint
 //	scopes           space-separated scopes this credential may ever grant
 //	grant            client_credentials (default) or refresh_token
-//	auth_method      client_secret_basic (default) or client_secret_post
+//	auth_method      client_secret_basic (default), client_secret_post, or
+//	                 private_key_jwt (RFC 7523: secret.private_key, a P-256
+//	                 EC or RSA key in PEM, signs a one-minute assertion per
+//	                 request; no client secret is stored)
+//	key_id           optional kid for private_key_jwt assertions
 //	audience         optional audience parameter sent with each request
 //	scope_narrowing  required (default): a token whose granted scope is
 //	                 broader than the lease's is revoked and the lease
 //	                 refused; best_effort: it is handed out, and its
 //	                 scope field says what it really carries
 //
-// Credential secret: client_id, client_secret, and refresh_token for the
-// refresh_token grant.
+// Credential secret: client_id, client_secret (or private_key for
+// private_key_jwt), and refresh_token for the refresh_token grant.
 package oauth2
 
 import (
@@ -101,11 +105,12 @@ type config struct {
 	scopes                            []string
 	authStyle                         oauth2.AuthStyle
 	clientID, clientSecret            string
-	refreshToken                      []byte // set for the refresh_token grant
-	bestEffort                        bool   // scope_narrowing: best_effort
+	refreshToken                      []byte  // set for the refresh_token grant
+	bestEffort                        bool    // scope_narrowing: best_effort
+	signer                            *signer // private_key_jwt
 }
 
-var knownConfig = []string{"token_url", "revocation_url", "scopes", "grant", "auth_method", "audience", "scope_narrowing"}
+var knownConfig = []string{"token_url", "revocation_url", "scopes", "grant", "auth_method", "audience", "scope_narrowing", "key_id"}
 
 func parse(spec backends.Spec) (*config, error) {
 	for k := range spec.Config {
@@ -127,10 +132,10 @@ func parse(spec backends.Spec) (*config, error) {
 	switch spec.Config["auth_method"] {
 	case "", "client_secret_basic":
 		c.authStyle = oauth2.AuthStyleInHeader
-	case "client_secret_post":
+	case "client_secret_post", "private_key_jwt":
 		c.authStyle = oauth2.AuthStyleInParams
 	default:
-		return nil, fmt.Errorf("%w: config.auth_method: must be client_secret_basic or client_secret_post", backends.ErrInvalidConfig)
+		return nil, fmt.Errorf("%w: config.auth_method: must be client_secret_basic, client_secret_post or private_key_jwt", backends.ErrInvalidConfig)
 	}
 	switch spec.Config["scope_narrowing"] {
 	case "", "required":
@@ -140,6 +145,10 @@ func parse(spec backends.Spec) (*config, error) {
 		return nil, fmt.Errorf("%w: config.scope_narrowing: must be required or best_effort", backends.ErrInvalidConfig)
 	}
 	fields := []string{"client_id", "client_secret"}
+	jwt := spec.Config["auth_method"] == "private_key_jwt"
+	if jwt {
+		fields = []string{"client_id", "private_key"}
+	}
 	switch spec.Config["grant"] {
 	case "", "client_credentials":
 	case "refresh_token":
@@ -157,10 +166,46 @@ func parse(spec backends.Spec) (*config, error) {
 		}
 	}
 	c.clientID, c.clientSecret = string(spec.Secret["client_id"]), string(spec.Secret["client_secret"])
+	if jwt {
+		if c.clientID == "" || len(spec.Secret["private_key"]) == 0 {
+			return nil, fmt.Errorf("%w: secret: client_id and private_key are required for private_key_jwt", backends.ErrInvalidConfig)
+		}
+		s, err := parseSigner(spec.Secret["private_key"], spec.Config["key_id"])
+		if err != nil {
+			return nil, err
+		}
+		c.signer = s
+		return c, nil
+	}
 	if c.clientID == "" || c.clientSecret == "" {
 		return nil, fmt.Errorf("%w: secret: client_id and client_secret are required", backends.ErrInvalidConfig)
 	}
 	return c, nil
+}
+
+// tokenRequest is a token endpoint request for scopes with c's client
+// authentication and extra form parameters. x/oauth2's client-credentials
+// request is used for every grant: it sends scope, accepts extra
+// parameters and lets grant_type be replaced.
+func (c *config) tokenRequest(scopes []string, extra url.Values) (*clientcredentials.Config, error) {
+	cc := &clientcredentials.Config{ClientID: c.clientID, ClientSecret: c.clientSecret, TokenURL: c.tokenURL,
+		Scopes: scopes, AuthStyle: c.authStyle, EndpointParams: url.Values{}}
+	for k, v := range extra {
+		cc.EndpointParams[k] = v
+	}
+	if c.audience != "" {
+		cc.EndpointParams.Set("audience", c.audience)
+	}
+	if c.signer != nil {
+		a, err := c.signer.assertion(c.clientID, c.tokenURL)
+		if err != nil {
+			return nil, err
+		}
+		cc.ClientSecret = "" // client_id only, in the form
+		cc.EndpointParams.Set("client_assertion_type", jwtBearer)
+		cc.EndpointParams.Set("client_assertion", a)
+	}
+	return cc, nil
 }
 
 // checkURL accepts https URLs, and http only to a loopback host (a local
@@ -221,12 +266,10 @@ func (b *Backend) Issue(ctx context.Context, req backends.IssueRequest) (*backen
 	if c.refreshToken != nil {
 		tok, err = b.redeem(ctx, req, c)
 	} else {
-		cc := clientcredentials.Config{ClientID: c.clientID, ClientSecret: c.clientSecret, TokenURL: c.tokenURL,
-			Scopes: req.Scopes, AuthStyle: c.authStyle}
-		if c.audience != "" {
-			cc.EndpointParams = url.Values{"audience": {c.audience}}
+		var cc *clientcredentials.Config
+		if cc, err = c.tokenRequest(req.Scopes, nil); err == nil {
+			tok, err = cc.Token(context.WithValue(ctx, oauth2.HTTPClient, b.client()))
 		}
-		tok, err = cc.Token(context.WithValue(ctx, oauth2.HTTPClient, b.client()))
 	}
 	if err != nil {
 		return nil, upstreamError("token request", err)
@@ -291,12 +334,10 @@ func (b *Backend) redeem(ctx context.Context, req backends.IssueRequest, c *conf
 	// The refresh grant with the lease's scopes (RFC 6749 section 6 lets a
 	// refresh narrow them). x/oauth2's own refresh cannot send a scope;
 	// its client-credentials request can, and allows replacing grant_type.
-	params := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {string(rt)}}
-	if c.audience != "" {
-		params.Set("audience", c.audience)
+	cc, err := c.tokenRequest(req.Scopes, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {string(rt)}})
+	if err != nil {
+		return nil, err
 	}
-	cc := clientcredentials.Config{ClientID: c.clientID, ClientSecret: c.clientSecret, TokenURL: c.tokenURL,
-		Scopes: req.Scopes, AuthStyle: c.authStyle, EndpointParams: params}
 	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, b.client()))
 	if err != nil {
 		return nil, err
@@ -361,7 +402,18 @@ func (b *Backend) Revoke(ctx context.Context, ref backends.LeaseRef) error {
 	}
 	token, _ := decodeArtifact(ref.Artifact)
 	form := url.Values{"token": {token}, "token_type_hint": {"access_token"}}
-	if c.authStyle == oauth2.AuthStyleInParams {
+	switch {
+	case c.signer != nil:
+		// The assertion's audience is the token endpoint, as servers
+		// (Hydra among them) expect for every endpoint they authenticate.
+		a, err := c.signer.assertion(c.clientID, c.tokenURL)
+		if err != nil {
+			return err
+		}
+		form.Set("client_id", c.clientID)
+		form.Set("client_assertion_type", jwtBearer)
+		form.Set("client_assertion", a)
+	case c.authStyle == oauth2.AuthStyleInParams:
 		form.Set("client_id", c.clientID)
 		form.Set("client_secret", c.clientSecret)
 	}

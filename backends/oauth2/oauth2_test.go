@@ -2,6 +2,11 @@ package oauth2_test
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"maps"
 	"strings"
@@ -100,7 +105,7 @@ func TestValidate(t *testing.T) {
 		"http is allowed only":                     func(s *backends.Spec) { s.Config["token_url"] = "http://auth.example.com/token" },
 		"config.revocation_url":                    func(s *backends.Spec) { s.Config["revocation_url"] = "ftp://x/y" },
 		"config.scopes":                            func(s *backends.Spec) { s.Config["scopes"] = " " },
-		"config.auth_method":                       func(s *backends.Spec) { s.Config["auth_method"] = "private_key_jwt" },
+		"config.auth_method":                       func(s *backends.Spec) { s.Config["auth_method"] = "tls_client_auth" },
 		"secret.refresh_token":                     func(s *backends.Spec) { s.Secret["refresh_token"] = []byte("r") },
 		"client_id and client_secret are required": func(s *backends.Spec) { delete(s.Secret, "client_secret") },
 	} {
@@ -213,5 +218,38 @@ func TestRefreshTokenGrantRotatesAndNarrows(t *testing.T) {
 	// at Hydra, revokes the chain), which is why the backend never does.
 	_, err = (&oauth2.Backend{}).Issue(ctx, backends.IssueRequest{Spec: userSpec(h, c, rt), LeaseID: "ls_ux", Scopes: []string{"mail.read"},
 		ExpiresAt: time.Now().Add(time.Hour)})
+	require.ErrorIs(t, err, backends.ErrUpstreamRejected)
+}
+
+// private_key_jwt: the broker stores a private key instead of a client
+// secret and signs a fresh assertion per request; Hydra verifies it against
+// the registered public key, for tokens and for revocation.
+func TestPrivateKeyJWTAgainstHydra(t *testing.T) {
+	h := hydratest.Start(t)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	require.NoError(t, err)
+	c := h.CreateJWTClient(t, oauth2.PublicJWK(&key.PublicKey, "k1"), "mail.read")
+	s := backends.Spec{Name: "mail/jwt", Config: map[string]string{"token_url": h.TokenURL(), "revocation_url": h.RevocationURL(),
+		"scopes": "mail.read", "auth_method": "private_key_jwt", "key_id": "k1"},
+		Secret: map[string][]byte{"client_id": []byte(c.ID), "private_key": pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})}}
+	backendtest.Run(t, backendtest.Case{Backend: &oauth2.Backend{}, Spec: s, Scopes: []string{"mail.read"}, Dynamic: true})
+
+	b := &oauth2.Backend{}
+	got, err := b.Issue(context.Background(), backends.IssueRequest{Spec: s, LeaseID: "ls_j", Scopes: []string{"mail.read"}, ExpiresAt: time.Now().Add(time.Hour)})
+	require.NoError(t, err)
+	tok := string(got.Secret["access_token"])
+	require.True(t, h.Introspect(t, tok).Active)
+	require.NoError(t, b.Revoke(context.Background(), backends.LeaseRef{Spec: s, LeaseID: "ls_j", Artifact: got.Artifact}))
+	require.False(t, h.Introspect(t, tok).Active, "revoked with a signed assertion")
+
+	// Another key is not accepted.
+	other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	der, err = x509.MarshalPKCS8PrivateKey(other)
+	require.NoError(t, err)
+	s.Secret["private_key"] = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	_, err = b.Issue(context.Background(), backends.IssueRequest{Spec: s, LeaseID: "ls_k", Scopes: []string{"mail.read"}, ExpiresAt: time.Now().Add(time.Hour)})
 	require.ErrorIs(t, err, backends.ErrUpstreamRejected)
 }

@@ -124,10 +124,26 @@ type Client struct {
 // authMethod "client_secret_basic" or "client_secret_post".
 func (h *Hydra) CreateClient(t testing.TB, authMethod string, scopes ...string) Client {
 	t.Helper()
-	body, _ := json.Marshal(map[string]any{
+	return h.createClient(t, map[string]any{
 		"grant_types": []string{"client_credentials"}, "scope": strings.Join(scopes, " "),
 		"token_endpoint_auth_method": authMethod, "access_token_strategy": "opaque",
 	})
+}
+
+// CreateJWTClient registers a client-credentials client that authenticates
+// with private_key_jwt, signing with the key whose public JWK is given.
+func (h *Hydra) CreateJWTClient(t testing.TB, jwk map[string]string, scopes ...string) Client {
+	t.Helper()
+	return h.createClient(t, map[string]any{
+		"grant_types": []string{"client_credentials"}, "scope": strings.Join(scopes, " "),
+		"token_endpoint_auth_method": "private_key_jwt", "token_endpoint_auth_signing_alg": jwk["alg"],
+		"jwks": map[string]any{"keys": []map[string]string{jwk}}, "access_token_strategy": "opaque",
+	})
+}
+
+func (h *Hydra) createClient(t testing.TB, client map[string]any) Client {
+	t.Helper()
+	body, _ := json.Marshal(client)
 	resp, err := http.Post(h.AdminURL+"/admin/clients", "application/json", bytes.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
