@@ -260,6 +260,9 @@ func (a *adminService) CreateGrant(ctx context.Context, req *leaseholdv1.CreateG
 	if g.GetId() != "" || g.GetCreatedAt() != nil || g.GetCreatedBy() != "" {
 		return nil, errInvalid("grant.id", "id, created_at and created_by are assigned by the broker; leave them empty")
 	}
+	if g.GetParentGrantId() != "" || g.GetDelegatedBy() != "" || len(g.GetDelegationChain()) > 0 {
+		return nil, errInvalid("grant.parent_grant_id", "parent_grant_id, delegated_by and delegation_chain are set only by DelegateGrant")
+	}
 	rec := &store.Grant{Credential: g.GetCredential(), Scopes: g.GetScopes(), Description: g.GetDescription()}
 	switch sub := g.GetSubject().(type) {
 	case *leaseholdv1.Grant_SpiffeId:
@@ -302,6 +305,23 @@ func (a *adminService) CreateGrant(ctx context.Context, req *leaseholdv1.CreateG
 	if rec.MaxLifetime < rec.MaxTTL {
 		return nil, errInvalid("grant.max_lifetime", "%v is shorter than max_ttl %v", rec.MaxLifetime, rec.MaxTTL)
 	}
+	if d := g.GetMaxDelegationDepth(); d < 0 || int(d) > s.cfg.MaxDelegationDepth {
+		return nil, errInvalid("grant.max_delegation_depth", "must be between 0 and %d (the broker's limit)", s.cfg.MaxDelegationDepth)
+	}
+	rec.Delegable = int(g.GetMaxDelegationDepth())
+	if err := validTaskID("grant.task_id", g.GetTaskId(), false); err != nil {
+		return nil, err
+	}
+	rec.TaskID = g.GetTaskId()
+	if g.GetExpiresAt() != nil {
+		if err := g.GetExpiresAt().CheckValid(); err != nil {
+			return nil, errInvalid("grant.expires_at", "not a valid timestamp")
+		}
+		rec.ExpiresAt = g.GetExpiresAt().AsTime()
+		if !rec.ExpiresAt.After(s.now()) {
+			return nil, errInvalid("grant.expires_at", "is in the past")
+		}
+	}
 	rec.ID, rec.CreatedAt, rec.CreatedBy = newID("gr_"), s.now(), callerFrom(ctx).String()
 	err = s.store.Update(ctx, func(tx store.Tx) error {
 		if _, err := tx.GetCredential(rec.Credential); err != nil {
@@ -318,7 +338,8 @@ func (a *adminService) CreateGrant(ctx context.Context, req *leaseholdv1.CreateG
 			subject = rec.SpiffeIDPrefix + "/*"
 		}
 		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventGrantCreate, GrantID: rec.ID, Credential: rec.Credential,
-			Scopes: rec.Scopes, Reason: fmt.Sprintf("for %s, max_ttl %v, max_lifetime %v", subject, rec.MaxTTL, rec.MaxLifetime)})
+			Scopes: rec.Scopes, TaskID: rec.TaskID, Reason: fmt.Sprintf("for %s, max_ttl %v, max_lifetime %v, max_delegation_depth %d",
+				subject, rec.MaxTTL, rec.MaxLifetime, rec.Delegable)})
 	})
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
@@ -382,25 +403,20 @@ func (a *adminService) DeleteGrant(ctx context.Context, req *leaseholdv1.DeleteG
 		return nil, err
 	}
 	now := s.now()
-	var ended []*store.Lease
+	var leases int
 	err := s.store.Update(ctx, func(tx store.Tx) error {
 		g, err := tx.GetGrant(req.GetId())
 		if err != nil {
 			return err
 		}
-		if ended, err = endActive(ctx, tx, store.LeaseFilter{GrantID: g.ID}, "grant deleted", now); err != nil {
-			return err
-		}
-		if err := tx.DeleteGrant(g.ID); err != nil {
-			return err
-		}
-		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventGrantDelete, GrantID: g.ID, Credential: g.Credential,
-			Reason: fmt.Sprintf("%d leases revoked", len(ended))})
+		_, n, err := deleteGrantTree(ctx, tx, []*store.Grant{g}, "grant deleted", now)
+		leases = n
+		return err
 	})
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	return &leaseholdv1.DeleteGrantResponse{LeasesRevoked: int32(len(ended))}, nil
+	return &leaseholdv1.DeleteGrantResponse{LeasesRevoked: int32(leases)}, nil
 }
 
 // ---- agents ----
@@ -425,6 +441,7 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 	}
 	now := s.now()
 	var agent *store.Agent
+	var cascadeGrants, cascadeLeases int
 	// One transaction: the revocation, the end of every active lease and
 	// their audit records are durable together before the call returns.
 	err = s.store.Update(ctx, func(tx store.Tx) error {
@@ -443,13 +460,23 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 		if ended, err = endActive(ctx, tx, store.LeaseFilter{AgentID: ag.ID}, "agent revoked: "+req.GetReason(), now); err != nil {
 			return err
 		}
+		// Whatever the agent delegated goes with it, all the way down.
+		delegated, err := delegatedBy(tx, ag.ID)
+		if err != nil {
+			return err
+		}
+		if cascadeGrants, cascadeLeases, err = deleteGrantTree(ctx, tx, delegated, "delegator "+ag.ID+" revoked", now); err != nil {
+			return err
+		}
 		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventAgentRevoke, AgentID: ag.ID,
-			Reason: fmt.Sprintf("%s (%d leases revoked)", req.GetReason(), len(ended))})
+			Reason: fmt.Sprintf("%s (%d leases revoked; %d delegated grants deleted with %d leases)", req.GetReason(), len(ended),
+				cascadeGrants, cascadeLeases)})
 	})
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(agent), LeasesRevoked: int32(len(ended))}, nil
+	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(agent), LeasesRevoked: int32(len(ended)),
+		DelegatedGrantsDeleted: int32(cascadeGrants), DelegatedLeasesRevoked: int32(cascadeLeases)}, nil
 }
 
 func (a *adminService) ReinstateAgent(ctx context.Context, req *leaseholdv1.ReinstateAgentRequest) (*leaseholdv1.ReinstateAgentResponse, error) {

@@ -335,9 +335,13 @@ func (a *adminService) ExplainAccess(ctx context.Context, req *leaseholdv1.Expla
 	if err != nil {
 		return nil, err
 	}
+	if err := validTaskID("task_id", req.GetTaskId(), false); err != nil {
+		return nil, err
+	}
 	out := &leaseholdv1.ExplainAccessResponse{}
+	now := s.now()
 	err = s.store.View(ctx, func(tx store.ReadTx) error {
-		p, err := s.evaluate(tx, agent, req.GetCredential(), req.GetScopes(), ttl)
+		p, err := s.evaluate(tx, agent, req.GetCredential(), req.GetScopes(), ttl, req.GetTaskId(), now)
 		if err != nil {
 			return err
 		}

@@ -29,6 +29,10 @@ var methodAccess = map[string]access{
 	"/leasehold.v1.BrokerService/WhoAmI":       accessPeer,
 	"/leasehold.v1.BrokerService/EndTask":      accessPeer,
 	"/leasehold.v1.BrokerService/WatchLeases":  accessPeer,
+	// Delegation checks inside: only from the caller's own active lease,
+	// and only grants in the caller's chain can be revoked.
+	"/leasehold.v1.BrokerService/DelegateGrant":    accessPeer,
+	"/leasehold.v1.BrokerService/RevokeDelegation": accessPeer,
 
 	"/leasehold.v1.AdminService/PutCredential":      accessAdmin,
 	"/leasehold.v1.AdminService/GetCredential":      accessAdmin,

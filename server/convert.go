@@ -70,6 +70,11 @@ func grantToProto(g *store.Grant) *leaseholdv1.Grant {
 		Id: g.ID, Credential: g.Credential, Scopes: g.Scopes,
 		MaxTtl: durationpb.New(g.MaxTTL), MaxLifetime: durationpb.New(g.MaxLifetime),
 		Description: g.Description, CreatedAt: ts(g.CreatedAt), CreatedBy: g.CreatedBy,
+		MaxDelegationDepth: int32(g.Delegable), TaskId: g.TaskID, ParentGrantId: g.ParentGrantID,
+		DelegatedBy: g.DelegatedBy, DelegationChain: g.Chain,
+	}
+	if !g.ExpiresAt.IsZero() {
+		out.ExpiresAt = ts(g.ExpiresAt)
 	}
 	if g.SpiffeID != "" {
 		out.Subject = &leaseholdv1.Grant_SpiffeId{SpiffeId: g.SpiffeID}
@@ -103,6 +108,7 @@ var auditEvents = map[store.AuditEvent]leaseholdv1.AuditEvent{
 	store.EventCredentialRotate: leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE,
 	store.EventTaskEnd:          leaseholdv1.AuditEvent_AUDIT_EVENT_TASK_END,
 	store.EventTaskRevoke:       leaseholdv1.AuditEvent_AUDIT_EVENT_TASK_REVOKE,
+	store.EventGrantDelegate:    leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_DELEGATE,
 }
 
 func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {
@@ -116,6 +122,6 @@ func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {
 		TaskId: r.TaskID, TaskPurpose: r.TaskPurpose, LeaseId: r.LeaseID, GrantId: r.GrantID,
 		Reason: r.Reason, RequestId: r.RequestID, Code: r.Code,
 		Hash: hex.EncodeToString(r.Hash), PrevHash: hex.EncodeToString(r.PrevHash),
-		TraceId: r.TraceID, SpanId: r.SpanID,
+		TraceId: r.TraceID, SpanId: r.SpanID, DelegationChain: r.DelegationChain,
 	}
 }

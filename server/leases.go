@@ -60,7 +60,7 @@ type policy struct {
 // evaluate decides an acquire: the agent is not revoked, the credential
 // exists, and a grant covers the caller, the scopes and the ttl. It reads
 // only; the caller records the decision.
-func (s *Server) evaluate(tx store.ReadTx, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration) (*policy, error) {
+func (s *Server) evaluate(tx store.ReadTx, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration, task string, now time.Time) (*policy, error) {
 	p := &policy{}
 	if err := checkAgentActive(tx, caller.String()); err != nil {
 		if !isDenied(err) {
@@ -87,32 +87,42 @@ func (s *Server) evaluate(tx store.ReadTx, caller spiffeid.ID, credential string
 		}
 	}
 	p.cred = c
-	p.grant, p.denial = pickGrant(p.matching, caller, c.Name, scopes, ttl)
+	p.grant, p.denial = pickGrant(p.matching, caller, c.Name, scopes, ttl, task, now)
 	return p, nil
 }
 
 // pickGrant finds, among grants whose subject covers caller, one that allows
-// the scopes and ttl, or returns the most specific denial.
-func pickGrant(grants []*store.Grant, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration) (*store.Grant, error) {
-	var ttlDenial error
+// the scopes, ttl and task now, or returns the most specific denial.
+func pickGrant(grants []*store.Grant, caller spiffeid.ID, credential string, scopes []string, ttl time.Duration, task string, now time.Time) (*store.Grant, error) {
+	var specific error
 	matched := len(grants) > 0
 	for _, g := range grants {
 		if !backends.SubsetOf(scopes, g.Scopes) {
 			continue
 		}
-		if ttl > g.MaxTTL {
-			ttlDenial = errDenied("ttl: %v exceeds the grant's max_ttl %v", ttl, g.MaxTTL)
-			continue
+		switch {
+		case !g.ExpiresAt.IsZero() && !now.Before(g.ExpiresAt):
+			specific = errDenied("grant %s expired at %s", g.ID, g.ExpiresAt.UTC().Format(time.RFC3339))
+		case g.TaskID != "" && !inTaskTree(task, g.TaskID):
+			specific = errDenied("task: grant %s allows only task %s and its subtasks, not %q", g.ID, g.TaskID, task)
+		case ttl > g.MaxTTL:
+			specific = errDenied("ttl: %v exceeds the grant's max_ttl %v", ttl, g.MaxTTL)
+		default:
+			return g, nil
 		}
-		return g, nil
 	}
 	switch {
 	case !matched:
 		return nil, errDenied("no grant allows %s to lease %q", caller, credential)
-	case ttlDenial != nil:
-		return nil, ttlDenial
+	case specific != nil:
+		return nil, specific
 	}
 	return nil, errDenied("scopes: %s not granted to %s for %q", strings.Join(scopes, ","), caller, credential)
+}
+
+// inTaskTree reports whether task is root or one of its subtasks.
+func inTaskTree(task, root string) bool {
+	return task == root || strings.HasPrefix(task, root+"/")
 }
 
 func checkAgentActive(tx store.ReadTx, agent string) error {
@@ -207,7 +217,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	pctx, pspan := s.startSpan(ctx, "policy.evaluate")
 	err = s.store.View(pctx, func(tx store.ReadTx) error {
 		var err error
-		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl); err != nil || p.denial != nil {
+		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl, req.GetTask().GetId(), now); err != nil || p.denial != nil {
 			return err
 		}
 		if qerr := s.checkQuotas(tx, agent, req.GetTask().GetId()); qerr != nil {
@@ -240,6 +250,9 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		ttl = min(s.cfg.DefaultTTL, grant.MaxTTL)
 	}
 	maxExpires := now.Add(grant.MaxLifetime)
+	if !grant.ExpiresAt.IsZero() && grant.ExpiresAt.Before(maxExpires) {
+		maxExpires = grant.ExpiresAt // no lease outlives its grant
+	}
 	expires := now.Add(ttl)
 	if expires.After(maxExpires) {
 		expires = maxExpires
@@ -258,6 +271,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		Scopes: slices.Clone(req.GetScopes()), TaskID: rec.TaskID, TaskPurpose: rec.TaskPurpose,
 		GrantID: grant.ID, State: store.LeaseActive, TTL: ttl, IssuedAt: now,
 		ExpiresAt: expires, MaxExpiresAt: maxExpires, CredentialVersion: version.Version,
+		DelegationChain: grant.Chain,
 	}
 	span.SetAttributes(attrLease.String(lease.ID))
 	spec := backends.Spec{Name: cred.Name, Config: cred.Config, Secret: secret}
@@ -284,7 +298,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		}
 	}
 
-	rec.LeaseID, rec.GrantID = lease.ID, grant.ID
+	rec.LeaseID, rec.GrantID, rec.DelegationChain = lease.ID, grant.ID, grant.Chain
 	rec.Reason = fmt.Sprintf("allowed by grant %s; version %d; expires %s", grant.ID, version.Version, lease.ExpiresAt.UTC().Format(time.RFC3339))
 	// Commit the lease and its audit record together. The writer re-checks
 	// what a concurrent RevokeAgent or DeleteGrant may have changed since the
@@ -354,6 +368,7 @@ func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl t
 		l, err := ownedLease(tx, id, caller)
 		if l != nil {
 			rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose = l.Credential, l.Scopes, l.TaskID, l.TaskPurpose
+			rec.DelegationChain = l.DelegationChain
 		}
 		if isDenied(err) {
 			denial = err
@@ -447,6 +462,7 @@ func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ 
 		l, err := ownedLease(tx, id, caller)
 		if l != nil {
 			rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose, rec.GrantID = l.Credential, l.Scopes, l.TaskID, l.TaskPurpose, l.GrantID
+			rec.DelegationChain = l.DelegationChain
 		}
 		if err != nil {
 			return err
@@ -493,6 +509,7 @@ func endLease(ctx context.Context, tx store.Tx, l *store.Lease, state store.Leas
 		rec.Event = store.EventLeaseRevoke
 	}
 	rec.LeaseID, rec.Credential, rec.Scopes, rec.TaskID, rec.TaskPurpose, rec.GrantID = l.ID, l.Credential, l.Scopes, l.TaskID, l.TaskPurpose, l.GrantID
+	rec.DelegationChain = l.DelegationChain
 	rec.Reason = reason
 	return appendAudit(ctx, tx, rec)
 }

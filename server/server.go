@@ -51,6 +51,9 @@ type Config struct {
 	MaxTTL time.Duration
 	// MaxLifetime is the longest grant max_lifetime. Default 7 days.
 	MaxLifetime time.Duration
+	// MaxDelegationDepth is the most a grant's max_delegation_depth may be.
+	// Default 3.
+	MaxDelegationDepth int
 	// ReaperInterval is how often expired leases are ended. Default 1s.
 	ReaperInterval time.Duration
 	// HealthInterval is how often store readiness is checked. Default 5s.
@@ -119,6 +122,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxActiveLeasesPerAgent == 0 {
 		c.MaxActiveLeasesPerAgent = 1000
+	}
+	if c.MaxDelegationDepth == 0 {
+		c.MaxDelegationDepth = 3
 	}
 	if c.AcquireRate == 0 {
 		c.AcquireRate, c.AcquireBurst = 20, 40

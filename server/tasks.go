@@ -54,20 +54,28 @@ func (a *adminService) RevokeTask(ctx context.Context, req *leaseholdv1.RevokeTa
 		return nil, err
 	}
 	now := s.now()
-	var n int
+	var n, grants int
 	err := s.store.Update(ctx, func(tx store.Tx) error {
 		ended, err := endActive(ctx, tx, store.LeaseFilter{TaskTree: req.GetTaskId()}, "task revoked: "+req.GetReason(), now)
 		if err != nil {
 			return err
 		}
-		n = len(ended)
+		delegated, err := delegatedInTask(tx, req.GetTaskId())
+		if err != nil {
+			return err
+		}
+		var more int
+		if grants, more, err = deleteGrantTree(ctx, tx, delegated, "task "+req.GetTaskId()+" revoked", now); err != nil {
+			return err
+		}
+		n = len(ended) + more
 		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventTaskRevoke, TaskID: req.GetTaskId(),
-			Reason: fmt.Sprintf("%s (%d leases revoked)", req.GetReason(), n)})
+			Reason: fmt.Sprintf("%s (%d leases revoked, %d delegated grants deleted)", req.GetReason(), n, grants)})
 	})
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	return &leaseholdv1.RevokeTaskResponse{LeasesRevoked: int32(n)}, nil
+	return &leaseholdv1.RevokeTaskResponse{LeasesRevoked: int32(n), DelegatedGrantsDeleted: int32(grants)}, nil
 }
 
 // limiters holds one token bucket per agent and credential.

@@ -11,8 +11,13 @@ import (
 // predecessor (PrevHash) and its own hash (Hash) over the canonical encoding
 // below, which covers every field but Hash. Engines set both in AppendAudit
 // with ChainAudit; VerifyAudit recomputes them. Changing the encoding breaks
-// every existing chain: it is versioned by chainVersion.
-const chainVersion = 1
+// every existing chain: it is versioned by chainVersion. Version 2 is version
+// 1 followed by the delegation chain, used only for records that have one,
+// so records without it hash as they always did.
+const (
+	chainVersion           = 1
+	chainVersionDelegation = 2
+)
 
 // ChainAudit links r to the record before it (prev is that record's Hash,
 // empty for the first record) and sets r.Hash.
@@ -31,7 +36,11 @@ func AuditHash(r *AuditRecord) []byte {
 	}
 	b := func(p []byte) { u(uint64(len(p))); h.Write(p) }
 	s := func(v string) { b([]byte(v)) }
-	u(chainVersion)
+	if len(r.DelegationChain) > 0 {
+		u(chainVersionDelegation)
+	} else {
+		u(chainVersion)
+	}
 	u(r.Sequence)
 	u(uint64(r.Time.UnixNano()))
 	for _, f := range []string{string(r.Event), string(r.Decision), r.Actor, r.AgentID, r.Credential} {
@@ -43,6 +52,12 @@ func AuditHash(r *AuditRecord) []byte {
 	}
 	for _, f := range []string{r.TaskID, r.TaskPurpose, r.LeaseID, r.GrantID, r.Reason, r.RequestID, r.Code, r.TraceID, r.SpanID} {
 		s(f)
+	}
+	if len(r.DelegationChain) > 0 {
+		u(uint64(len(r.DelegationChain)))
+		for _, d := range r.DelegationChain {
+			s(d)
+		}
 	}
 	b(r.PrevHash)
 	return h.Sum(nil)

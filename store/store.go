@@ -188,6 +188,17 @@ type Grant struct {
 	Description    string        `json:"description,omitempty"`
 	CreatedAt      time.Time     `json:"created_at"`
 	CreatedBy      string        `json:"created_by"`
+	// Delegable is how many levels of delegation may start from the grant.
+	Delegable int `json:"delegable,omitempty"`
+	// TaskID, when set, binds leases to the task and its subtasks.
+	TaskID string `json:"task_id,omitempty"`
+	// ExpiresAt, when set, ends what the grant allows.
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// Delegated grants: the parent grant, the delegating agent, and the
+	// delegating agents from the first to the last (ending with DelegatedBy).
+	ParentGrantID string   `json:"parent_grant_id,omitempty"`
+	DelegatedBy   string   `json:"delegated_by,omitempty"`
+	Chain         []string `json:"chain,omitempty"`
 }
 
 // Agent is what the broker knows of one SPIFFE ID.
@@ -243,6 +254,9 @@ type Lease struct {
 	EndedAt           time.Time     `json:"ended_at,omitzero"`
 	EndReason         string        `json:"end_reason,omitempty"`
 	CredentialVersion uint64        `json:"credential_version"`
+	// DelegationChain is the grant's chain, for leases under delegated
+	// grants: every event of the lease carries it in the audit trail.
+	DelegationChain []string `json:"delegation_chain,omitempty"`
 	// Artifact is the backend's handle on what it created upstream (a role,
 	// a token), sealed under ArtifactKey; empty for static credentials.
 	Artifact    []byte `json:"artifact,omitempty"`
@@ -305,6 +319,7 @@ const (
 	EventCredentialRotate AuditEvent = "credential.rotate"
 	EventTaskEnd          AuditEvent = "task.end"
 	EventTaskRevoke       AuditEvent = "task.revoke"
+	EventGrantDelegate    AuditEvent = "grant.delegate"
 )
 
 // Decision is the outcome an audit record holds.
@@ -335,6 +350,9 @@ type AuditRecord struct {
 	// TraceID and SpanID (hex) tie the record to the request's trace.
 	TraceID string `json:"trace_id,omitempty"`
 	SpanID  string `json:"span_id,omitempty"`
+	// DelegationChain lists, for events under a delegated grant, the agents
+	// that delegated it, first to last.
+	DelegationChain []string `json:"delegation_chain,omitempty"`
 	// PrevHash and Hash chain the record to its predecessor; see ChainAudit.
 	PrevHash []byte `json:"prev_hash,omitempty"`
 	Hash     []byte `json:"hash"`

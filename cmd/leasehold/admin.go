@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
 )
@@ -45,6 +46,8 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	scopes := fs.String("scopes", "", "comma-separated scopes")
 	maxTTL := fs.Duration("max-ttl", 0, "grant: longest lease or renewal step")
 	maxLifetime := fs.Duration("max-lifetime", 0, "grant: longest total lease life")
+	delegation := fs.Int("max-delegation-depth", 0, "grant: levels of delegation allowed below it (0: none)")
+	expires := fs.Duration("expires-in", 0, "grant: it allows nothing after this long")
 	reason := fs.String("reason", "", "reason, recorded in the audit trail")
 	revoked := fs.Bool("revoked", false, "only revoked agents")
 	agent := fs.String("agent", "", "agent SPIFFE ID")
@@ -133,7 +136,10 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		return emit(stdout, r, err)
 	case "grant create":
 		g := &leaseholdv1.Grant{Credential: *credential, Scopes: splitList(*scopes), MaxTtl: dur(*maxTTL),
-			MaxLifetime: dur(*maxLifetime), Description: *description}
+			MaxLifetime: dur(*maxLifetime), Description: *description, MaxDelegationDepth: int32(*delegation), TaskId: *task}
+		if *expires != 0 {
+			g.ExpiresAt = timestamppb.New(time.Now().Add(*expires))
+		}
 		switch {
 		case *spiffeID != "" && *prefix != "":
 			return usageErr("use --spiffe-id or --spiffe-id-prefix, not both")

@@ -26,6 +26,10 @@ func cmdAgent(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	purpose := fs.String("purpose", "", "why the task needs the credential")
 	ttl := fs.Duration("ttl", 0, "lease length (default: broker default)")
 	format := fs.String("format", "json", "json or env")
+	to := fs.String("to", "", "delegate: the sub-agent's SPIFFE ID")
+	subtask := fs.String("subtask", "", "delegate: the subtask the delegated grant is bound to")
+	maxTTL := fs.Duration("max-ttl", 0, "delegate: longest lease under the delegated grant")
+	reason := fs.String("reason", "", "undelegate: why (recorded in the audit trail)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -75,6 +79,29 @@ func cmdAgent(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 			return usageErr("release takes one lease id")
 		}
 		resp, err := broker.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: pos[0]})
+		if err != nil {
+			return rpcErr(err)
+		}
+		return printProto(stdout, resp)
+	case "delegate":
+		if len(pos) != 1 {
+			return usageErr("delegate takes one credential name")
+		}
+		req := &leaseholdv1.DelegateGrantRequest{Credential: pos[0], TaskId: *task, Subtask: *subtask,
+			DelegateSpiffeId: *to, Scopes: splitList(*scopes), Ttl: d}
+		if *maxTTL != 0 {
+			req.MaxTtl = durationpb.New(*maxTTL)
+		}
+		resp, err := broker.DelegateGrant(ctx, req)
+		if err != nil {
+			return rpcErr(err)
+		}
+		return printProto(stdout, resp)
+	case "undelegate":
+		if len(pos) != 1 {
+			return usageErr("undelegate takes one grant id")
+		}
+		resp, err := broker.RevokeDelegation(ctx, &leaseholdv1.RevokeDelegationRequest{GrantId: pos[0], Reason: *reason})
 		if err != nil {
 			return rpcErr(err)
 		}

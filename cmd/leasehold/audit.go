@@ -210,14 +210,15 @@ func cmdAudit(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 func printAuditTable(w io.Writer, recs []*leaseholdv1.AuditRecord, header bool) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	if header {
-		fmt.Fprintln(tw, "SEQ\tTIME\tEVENT\tDECISION\tACTOR\tAGENT\tCREDENTIAL\tTASK\tLEASE\tREASON")
+		fmt.Fprintln(tw, "SEQ\tTIME\tEVENT\tDECISION\tACTOR\tAGENT\tCREDENTIAL\tTASK\tLEASE\tDELEGATED BY\tREASON")
 	}
 	for _, rec := range recs {
 		event := strings.ToLower(strings.TrimPrefix(rec.GetEvent().String(), "AUDIT_EVENT_"))
 		dec := strings.ToLower(strings.TrimPrefix(rec.GetDecision().String(), "DECISION_"))
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", rec.GetSequence(),
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", rec.GetSequence(),
 			rec.GetTime().AsTime().Local().Format("15:04:05.000"), event, dec, dash(rec.GetActor()), dash(rec.GetAgentId()),
-			dash(rec.GetCredential()), dash(rec.GetTaskId()), dash(rec.GetLeaseId()), dash(rec.GetReason()))
+			dash(rec.GetCredential()), dash(rec.GetTaskId()), dash(rec.GetLeaseId()),
+			dash(strings.Join(rec.GetDelegationChain(), " > ")), dash(rec.GetReason()))
 	}
 	tw.Flush()
 }

@@ -95,6 +95,9 @@ type LeaseConfig struct {
 	MaxActivePerAgent int `yaml:"max_active_per_agent"`
 	// MaxPerTask caps the leases one task id may get (default off).
 	MaxPerTask int `yaml:"max_per_task"`
+	// MaxDelegationDepth is the most a grant's max_delegation_depth may be
+	// (default 3).
+	MaxDelegationDepth int `yaml:"max_delegation_depth"`
 	// AcquireRate (per second) and AcquireBurst bound acquires per agent and
 	// credential (defaults 20 and 40).
 	AcquireRate  float64 `yaml:"acquire_rate"`

@@ -198,10 +198,17 @@ func TestExampleOrchestrator(t *testing.T) {
 	cmd.Env = append(os.Environ(), "LEASEHOLD="+leaseholdBin, "DEMO_DIR="+filepath.Join(t.TempDir(), "orch"))
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
+	require.Contains(t, string(out), "delegated crm/salesforce (read) to agent-1 for report-42/crm")
 	require.Contains(t, string(out), "agent-1 did report-42/crm with crm/salesforce")
 	require.Contains(t, string(out), "agent-2 did report-42/db with db/warehouse")
-	require.Contains(t, string(out), "orchestrator itself is refused crm/salesforce")
-	require.Regexp(t, `lease_release\s+allow\s+spiffe://leasehold.dev/agents/agent-2`, string(out))
+	for _, refused := range []string{"db/warehouse: ", "crm/salesforce write: ", "crm/salesforce outside its subtask: ", "delegating on to agent-2: "} {
+		require.Contains(t, string(out), "agent-1 is refused "+refused, "no escalation")
+	}
+	require.NotContains(t, string(out), "unexpected")
+	require.Contains(t, string(out), `"delegatedGrantsDeleted": 2`, "one revocation of the orchestrator cuts the tree")
+	require.Contains(t, string(out), "agent-1 afterwards: leasehold: PermissionDenied")
+	require.Regexp(t, `lease_release\s+allow\s+spiffe://leasehold.dev/agents/agent-2\s+\S+\s+db/warehouse\s+report-42/db\s+ls_\w+\s+spiffe://leasehold.dev/agents/orchestrator`,
+		string(out), "the trail says agent-2 acted for the orchestrator")
 }
 
 // TestServeWithConfigFile runs `leasehold serve --config` on the files a dev

@@ -26,6 +26,9 @@ Agent (caller is the SVID in the connection flags):
   acquire CREDENTIAL --scopes S --task ID [--purpose P] [--ttl D] [--format json|env]
   renew LEASE_ID [--ttl D]
   release LEASE_ID
+  delegate CREDENTIAL --task ID --subtask S --to SPIFFE_ID --scopes S --ttl D [--max-ttl D]
+                                   give a sub-agent part of your grant for a subtask
+  undelegate GRANT_ID --reason R   delete a grant you delegated, and everything below it
   whoami
   health
   proxy --config FILE              a sidecar: agents send plain HTTP over a unix socket, the proxy
@@ -35,6 +38,7 @@ Admin:
   credential put NAME [--backend static] [--set k=v]... [--set-file k=PATH]... [--config k=v]... [--description D]
   credential get NAME | credential list | credential delete NAME | credential rotate NAME
   grant create --credential C (--spiffe-id ID | --spiffe-id-prefix ID) --scopes a,b [--max-ttl D] [--max-lifetime D]
+               [--max-delegation-depth N] [--task ID] [--expires-in D]
   grant list [--credential C] | grant delete GRANT_ID
   agent revoke SPIFFE_ID --reason R | agent reinstate SPIFFE_ID | agent list [--revoked]
   lease list [--agent ID] [--task T] [--active] | lease revoke LEASE_ID [--reason R]
@@ -105,7 +109,7 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdDev(rest, stdout, stderr)
 	case "proxy":
 		return cmdProxy(rest, conn, stderr)
-	case "acquire", "renew", "release", "whoami", "health":
+	case "acquire", "renew", "release", "whoami", "health", "delegate", "undelegate":
 		return cmdAgent(verb, rest, conn, stdout, stderr)
 	case "audit", "report", "explain":
 		return cmdAudit(verb, rest, conn, stdout, stderr)

@@ -1,12 +1,16 @@
 // Command orchestrator is an example of a multi-agent task with Leasehold:
-// an orchestrator splits a report into two subtasks and hands each to a
-// sub-agent with its own SPIFFE identity. Each sub-agent leases only the
-// credential its subtask needs, uses it and releases it; the orchestrator
-// never touches their secrets. All of it runs under one trace: set
-// OTEL_TRACES_EXPORTER=otlp (and OTEL_EXPORTER_OTLP_ENDPOINT) to see it.
+// an orchestrator holds grants for a task's credentials, splits the task
+// into two subtasks, and delegates to each sub-agent (its own SPIFFE
+// identity) only the credential and scope its subtask needs, for that
+// subtask and ten minutes. Each sub-agent leases it, uses it and releases
+// it; the orchestrator never leases anything and never sees a secret. A
+// sub-agent that reaches for more is refused. All of it runs under one
+// trace: set OTEL_TRACES_EXPORTER=otlp (and OTEL_EXPORTER_OTLP_ENDPOINT).
 //
-// Run it with `make example-orchestrator`, which starts a dev broker,
-// stores the two credentials and grants each sub-agent its own.
+// Run it with `make example-orchestrator`, which starts a dev broker, stores
+// the two credentials, grants them to the orchestrator with one level of
+// delegation, and afterwards revokes the orchestrator to show the whole
+// tree cut off.
 package main
 
 import (
@@ -19,6 +23,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -83,6 +88,16 @@ func main() {
 		{agent: "agent-1", id: "report-42/crm", credential: "crm/salesforce", field: "api_key"},
 		{agent: "agent-2", id: "report-42/db", credential: "db/warehouse", field: "password"},
 	}
+	const me2 = "spiffe://leasehold.dev/agents/"
+	for _, st := range subtasks {
+		g, err := orchestrator.Delegate(ctx, client.Delegation{Credential: st.credential, TaskID: "report-42",
+			Subtask: st.id[len("report-42/"):], To: me2 + st.agent, Scopes: []string{"read"}, TTL: 10 * time.Minute})
+		if err != nil {
+			log.Fatalf("delegate %s to %s: %v", st.credential, st.agent, err)
+		}
+		fmt.Printf("  delegated %s (read) to %s for %s until %s: grant %s\n", st.credential, st.agent, g.GetTaskId(),
+			g.GetExpiresAt().AsTime().Format(time.TimeOnly), g.GetId())
+	}
 	var wg sync.WaitGroup
 	results := make([]string, len(subtasks))
 	for i, st := range subtasks {
@@ -110,9 +125,36 @@ func main() {
 	for _, r := range results {
 		fmt.Println("  " + r)
 	}
-	// The orchestrator holds no grant of its own: it cannot lease what its
-	// sub-agents use.
-	if _, err := orchestrator.Acquire(ctx, "crm/salesforce", client.AcquireOptions{Scopes: []string{"read"}, TaskID: "report-42"}); err != nil {
-		fmt.Printf("orchestrator itself is refused crm/salesforce: %v\n", err)
+	// Escalation attempts by a sub-agent: the other sub-agent's credential,
+	// a scope it was not given, a task outside its subtask, delegating on.
+	a1 := connect("agent-1")
+	defer a1.Close()
+	for _, try := range []struct {
+		what string
+		run  func() error
+	}{
+		{"db/warehouse", func() error {
+			_, err := a1.Acquire(ctx, "db/warehouse", client.AcquireOptions{Scopes: []string{"read"}, TaskID: "report-42/crm"})
+			return err
+		}},
+		{"crm/salesforce write", func() error {
+			_, err := a1.Acquire(ctx, "crm/salesforce", client.AcquireOptions{Scopes: []string{"write"}, TaskID: "report-42/crm"})
+			return err
+		}},
+		{"crm/salesforce outside its subtask", func() error {
+			_, err := a1.Acquire(ctx, "crm/salesforce", client.AcquireOptions{Scopes: []string{"read"}, TaskID: "report-43"})
+			return err
+		}},
+		{"delegating on to agent-2", func() error {
+			_, err := a1.Delegate(ctx, client.Delegation{Credential: "crm/salesforce", TaskID: "report-42/crm", Subtask: "more",
+				To: me2 + "agent-2", Scopes: []string{"read"}, TTL: time.Minute})
+			return err
+		}},
+	} {
+		if err := try.run(); err != nil {
+			fmt.Printf("agent-1 is refused %s: %v\n", try.what, err)
+		} else {
+			fmt.Printf("agent-1 was allowed %s (unexpected)\n", try.what)
+		}
 	}
 }

@@ -41,8 +41,11 @@ type Record struct {
 	Code        string   `json:"code,omitempty"`
 	TraceID     string   `json:"trace_id,omitempty"`
 	SpanID      string   `json:"span_id,omitempty"`
-	Hash        string   `json:"hash"`
-	PrevHash    string   `json:"prev_hash,omitempty"`
+	// DelegationChain: the agents that delegated the grant the event is
+	// under, first to last.
+	DelegationChain []string `json:"delegation_chain,omitempty"`
+	Hash            string   `json:"hash"`
+	PrevHash        string   `json:"prev_hash,omitempty"`
 }
 
 // FromStore converts a store record.
@@ -52,7 +55,8 @@ func FromStore(r *store.AuditRecord) Record {
 		Decision: string(r.Decision), Actor: r.Actor, AgentID: r.AgentID, Credential: r.Credential,
 		Scopes: r.Scopes, TaskID: r.TaskID, TaskPurpose: r.TaskPurpose, LeaseID: r.LeaseID,
 		GrantID: r.GrantID, Reason: r.Reason, RequestID: r.RequestID, Code: r.Code, TraceID: r.TraceID, SpanID: r.SpanID,
-		Hash: hex.EncodeToString(r.Hash), PrevHash: hex.EncodeToString(r.PrevHash),
+		DelegationChain: r.DelegationChain,
+		Hash:            hex.EncodeToString(r.Hash), PrevHash: hex.EncodeToString(r.PrevHash),
 	}
 }
 

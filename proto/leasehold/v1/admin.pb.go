@@ -880,11 +880,16 @@ func (x *RevokeAgentRequest) GetReason() string {
 }
 
 type RevokeAgentResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
-	LeasesRevoked int32                  `protobuf:"varint,2,opt,name=leases_revoked,json=leasesRevoked,proto3" json:"leases_revoked,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Agent *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	// The agent's own active leases that were ended.
+	LeasesRevoked int32 `protobuf:"varint,2,opt,name=leases_revoked,json=leasesRevoked,proto3" json:"leases_revoked,omitempty"`
+	// Grants the agent had delegated, and everything delegated below them,
+	// deleted; and the leases under them ended.
+	DelegatedGrantsDeleted int32 `protobuf:"varint,3,opt,name=delegated_grants_deleted,json=delegatedGrantsDeleted,proto3" json:"delegated_grants_deleted,omitempty"`
+	DelegatedLeasesRevoked int32 `protobuf:"varint,4,opt,name=delegated_leases_revoked,json=delegatedLeasesRevoked,proto3" json:"delegated_leases_revoked,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *RevokeAgentResponse) Reset() {
@@ -927,6 +932,20 @@ func (x *RevokeAgentResponse) GetAgent() *Agent {
 func (x *RevokeAgentResponse) GetLeasesRevoked() int32 {
 	if x != nil {
 		return x.LeasesRevoked
+	}
+	return 0
+}
+
+func (x *RevokeAgentResponse) GetDelegatedGrantsDeleted() int32 {
+	if x != nil {
+		return x.DelegatedGrantsDeleted
+	}
+	return 0
+}
+
+func (x *RevokeAgentResponse) GetDelegatedLeasesRevoked() int32 {
+	if x != nil {
+		return x.DelegatedLeasesRevoked
 	}
 	return 0
 }
@@ -1414,8 +1433,10 @@ func (x *RevokeTaskRequest) GetReason() string {
 type RevokeTaskResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	LeasesRevoked int32                  `protobuf:"varint,1,opt,name=leases_revoked,json=leasesRevoked,proto3" json:"leases_revoked,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Delegated grants bound to the task or its subtasks, deleted.
+	DelegatedGrantsDeleted int32 `protobuf:"varint,2,opt,name=delegated_grants_deleted,json=delegatedGrantsDeleted,proto3" json:"delegated_grants_deleted,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *RevokeTaskResponse) Reset() {
@@ -1451,6 +1472,13 @@ func (*RevokeTaskResponse) Descriptor() ([]byte, []int) {
 func (x *RevokeTaskResponse) GetLeasesRevoked() int32 {
 	if x != nil {
 		return x.LeasesRevoked
+	}
+	return 0
+}
+
+func (x *RevokeTaskResponse) GetDelegatedGrantsDeleted() int32 {
+	if x != nil {
+		return x.DelegatedGrantsDeleted
 	}
 	return 0
 }
@@ -2023,7 +2051,10 @@ type ExplainAccessRequest struct {
 	Credential string                 `protobuf:"bytes,2,opt,name=credential,proto3" json:"credential,omitempty"`
 	Scopes     []string               `protobuf:"bytes,3,rep,name=scopes,proto3" json:"scopes,omitempty"`
 	// As in AcquireLeaseRequest; empty means the default.
-	Ttl           *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Ttl *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// The task the acquire would be for: grants bound to a task allow only
+	// that task and its subtasks.
+	TaskId        string `protobuf:"bytes,5,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2084,6 +2115,13 @@ func (x *ExplainAccessRequest) GetTtl() *durationpb.Duration {
 		return x.Ttl
 	}
 	return nil
+}
+
+func (x *ExplainAccessRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
 }
 
 type ExplainAccessResponse struct {
@@ -2232,10 +2270,12 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x0eleases_revoked\x18\x01 \x01(\x05R\rleasesRevoked\"I\n" +
 	"\x12RevokeAgentRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"g\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xdb\x01\n" +
 	"\x13RevokeAgentResponse\x12)\n" +
 	"\x05agent\x18\x01 \x01(\v2\x13.leasehold.v1.AgentR\x05agent\x12%\n" +
-	"\x0eleases_revoked\x18\x02 \x01(\x05R\rleasesRevoked\"4\n" +
+	"\x0eleases_revoked\x18\x02 \x01(\x05R\rleasesRevoked\x128\n" +
+	"\x18delegated_grants_deleted\x18\x03 \x01(\x05R\x16delegatedGrantsDeleted\x128\n" +
+	"\x18delegated_leases_revoked\x18\x04 \x01(\x05R\x16delegatedLeasesRevoked\"4\n" +
 	"\x15ReinstateAgentRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\"C\n" +
 	"\x16ReinstateAgentResponse\x12)\n" +
@@ -2266,9 +2306,10 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"D\n" +
 	"\x11RevokeTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\";\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"u\n" +
 	"\x12RevokeTaskResponse\x12%\n" +
-	"\x0eleases_revoked\x18\x01 \x01(\x05R\rleasesRevoked\"\xa2\x03\n" +
+	"\x0eleases_revoked\x18\x01 \x01(\x05R\rleasesRevoked\x128\n" +
+	"\x18delegated_grants_deleted\x18\x02 \x01(\x05R\x16delegatedGrantsDeleted\"\xa2\x03\n" +
 	"\x11QueryAuditRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
@@ -2318,14 +2359,15 @@ const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\x15first_broken_sequence\x18\x03 \x01(\x04R\x13firstBrokenSequence\x12\x18\n" +
 	"\aproblem\x18\x04 \x01(\tR\aproblem\x121\n" +
 	"\x04head\x18\x05 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x04head\x123\n" +
-	"\x05floor\x18\x06 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x05floor\"\x96\x01\n" +
+	"\x05floor\x18\x06 \x01(\v2\x1d.leasehold.v1.AuditCheckpointR\x05floor\"\xaf\x01\n" +
 	"\x14ExplainAccessRequest\x12\x19\n" +
 	"\bagent_id\x18\x01 \x01(\tR\aagentId\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x02 \x01(\tR\n" +
 	"credential\x12\x16\n" +
 	"\x06scopes\x18\x03 \x03(\tR\x06scopes\x12+\n" +
-	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xc6\x01\n" +
+	"\x03ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x17\n" +
+	"\atask_id\x18\x05 \x01(\tR\x06taskId\"\xc6\x01\n" +
 	"\x15ExplainAccessResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12\x12\n" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x16\n" +

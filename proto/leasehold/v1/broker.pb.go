@@ -84,6 +84,259 @@ func (LeaseEvent) EnumDescriptor() ([]byte, []int) {
 	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
 }
 
+type DelegateGrantRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The credential to delegate; the caller must be able to acquire it with
+	// the scopes below for task_id (the same policy as AcquireLease). The
+	// caller needs no lease, and sees no secret, to delegate.
+	Credential string `protobuf:"bytes,1,opt,name=credential,proto3" json:"credential,omitempty"`
+	// The caller's task. The delegated grant is bound to
+	// "<task_id>/<subtask>" and its subtasks.
+	TaskId  string `protobuf:"bytes,2,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Subtask string `protobuf:"bytes,3,opt,name=subtask,proto3" json:"subtask,omitempty"`
+	// The sub-agent: an exact SPIFFE ID of the broker's trust domain, not the
+	// caller's.
+	DelegateSpiffeId string `protobuf:"bytes,4,opt,name=delegate_spiffe_id,json=delegateSpiffeId,proto3" json:"delegate_spiffe_id,omitempty"`
+	// Scopes for the sub-agent: a non-empty subset of the caller's grant's.
+	Scopes []string `protobuf:"bytes,5,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// How long the delegated grant lasts: at most the caller's grant's
+	// max_lifetime, and not past the caller's grant's own expiry. Required.
+	Ttl *durationpb.Duration `protobuf:"bytes,6,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Longest single lease under the delegated grant. Default and upper bound:
+	// the caller's grant's max_ttl (and ttl).
+	MaxTtl        *durationpb.Duration `protobuf:"bytes,7,opt,name=max_ttl,json=maxTtl,proto3" json:"max_ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DelegateGrantRequest) Reset() {
+	*x = DelegateGrantRequest{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DelegateGrantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DelegateGrantRequest) ProtoMessage() {}
+
+func (x *DelegateGrantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DelegateGrantRequest.ProtoReflect.Descriptor instead.
+func (*DelegateGrantRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *DelegateGrantRequest) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
+func (x *DelegateGrantRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *DelegateGrantRequest) GetSubtask() string {
+	if x != nil {
+		return x.Subtask
+	}
+	return ""
+}
+
+func (x *DelegateGrantRequest) GetDelegateSpiffeId() string {
+	if x != nil {
+		return x.DelegateSpiffeId
+	}
+	return ""
+}
+
+func (x *DelegateGrantRequest) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *DelegateGrantRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *DelegateGrantRequest) GetMaxTtl() *durationpb.Duration {
+	if x != nil {
+		return x.MaxTtl
+	}
+	return nil
+}
+
+type DelegateGrantResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Grant         *Grant                 `protobuf:"bytes,1,opt,name=grant,proto3" json:"grant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DelegateGrantResponse) Reset() {
+	*x = DelegateGrantResponse{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DelegateGrantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DelegateGrantResponse) ProtoMessage() {}
+
+func (x *DelegateGrantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DelegateGrantResponse.ProtoReflect.Descriptor instead.
+func (*DelegateGrantResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *DelegateGrantResponse) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+type RevokeDelegationRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	GrantId string                 `protobuf:"bytes,1,opt,name=grant_id,json=grantId,proto3" json:"grant_id,omitempty"`
+	// Recorded in the audit trail. Required.
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeDelegationRequest) Reset() {
+	*x = RevokeDelegationRequest{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeDelegationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeDelegationRequest) ProtoMessage() {}
+
+func (x *RevokeDelegationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeDelegationRequest.ProtoReflect.Descriptor instead.
+func (*RevokeDelegationRequest) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *RevokeDelegationRequest) GetGrantId() string {
+	if x != nil {
+		return x.GrantId
+	}
+	return ""
+}
+
+func (x *RevokeDelegationRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type RevokeDelegationResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GrantsDeleted int32                  `protobuf:"varint,1,opt,name=grants_deleted,json=grantsDeleted,proto3" json:"grants_deleted,omitempty"`
+	LeasesRevoked int32                  `protobuf:"varint,2,opt,name=leases_revoked,json=leasesRevoked,proto3" json:"leases_revoked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeDelegationResponse) Reset() {
+	*x = RevokeDelegationResponse{}
+	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeDelegationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeDelegationResponse) ProtoMessage() {}
+
+func (x *RevokeDelegationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeDelegationResponse.ProtoReflect.Descriptor instead.
+func (*RevokeDelegationResponse) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RevokeDelegationResponse) GetGrantsDeleted() int32 {
+	if x != nil {
+		return x.GrantsDeleted
+	}
+	return 0
+}
+
+func (x *RevokeDelegationResponse) GetLeasesRevoked() int32 {
+	if x != nil {
+		return x.LeasesRevoked
+	}
+	return 0
+}
+
 type EndTaskRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
@@ -93,7 +346,7 @@ type EndTaskRequest struct {
 
 func (x *EndTaskRequest) Reset() {
 	*x = EndTaskRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -105,7 +358,7 @@ func (x *EndTaskRequest) String() string {
 func (*EndTaskRequest) ProtoMessage() {}
 
 func (x *EndTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[0]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -118,7 +371,7 @@ func (x *EndTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndTaskRequest.ProtoReflect.Descriptor instead.
 func (*EndTaskRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{0}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *EndTaskRequest) GetTaskId() string {
@@ -137,7 +390,7 @@ type EndTaskResponse struct {
 
 func (x *EndTaskResponse) Reset() {
 	*x = EndTaskResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -149,7 +402,7 @@ func (x *EndTaskResponse) String() string {
 func (*EndTaskResponse) ProtoMessage() {}
 
 func (x *EndTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[1]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -162,7 +415,7 @@ func (x *EndTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndTaskResponse.ProtoReflect.Descriptor instead.
 func (*EndTaskResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{1}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *EndTaskResponse) GetLeasesEnded() int32 {
@@ -184,7 +437,7 @@ type WatchLeasesRequest struct {
 
 func (x *WatchLeasesRequest) Reset() {
 	*x = WatchLeasesRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -196,7 +449,7 @@ func (x *WatchLeasesRequest) String() string {
 func (*WatchLeasesRequest) ProtoMessage() {}
 
 func (x *WatchLeasesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[2]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -209,7 +462,7 @@ func (x *WatchLeasesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchLeasesRequest.ProtoReflect.Descriptor instead.
 func (*WatchLeasesRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{2}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WatchLeasesRequest) GetAfterSequence() uint64 {
@@ -242,7 +495,7 @@ type WatchLeasesResponse struct {
 
 func (x *WatchLeasesResponse) Reset() {
 	*x = WatchLeasesResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -254,7 +507,7 @@ func (x *WatchLeasesResponse) String() string {
 func (*WatchLeasesResponse) ProtoMessage() {}
 
 func (x *WatchLeasesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[3]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -267,7 +520,7 @@ func (x *WatchLeasesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchLeasesResponse.ProtoReflect.Descriptor instead.
 func (*WatchLeasesResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{3}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchLeasesResponse) GetSequence() uint64 {
@@ -336,7 +589,7 @@ type AcquireLeaseRequest struct {
 
 func (x *AcquireLeaseRequest) Reset() {
 	*x = AcquireLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -348,7 +601,7 @@ func (x *AcquireLeaseRequest) String() string {
 func (*AcquireLeaseRequest) ProtoMessage() {}
 
 func (x *AcquireLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[4]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -361,7 +614,7 @@ func (x *AcquireLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLeaseRequest.ProtoReflect.Descriptor instead.
 func (*AcquireLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{4}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AcquireLeaseRequest) GetCredential() string {
@@ -403,7 +656,7 @@ type AcquireLeaseResponse struct {
 
 func (x *AcquireLeaseResponse) Reset() {
 	*x = AcquireLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -415,7 +668,7 @@ func (x *AcquireLeaseResponse) String() string {
 func (*AcquireLeaseResponse) ProtoMessage() {}
 
 func (x *AcquireLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[5]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -428,7 +681,7 @@ func (x *AcquireLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AcquireLeaseResponse.ProtoReflect.Descriptor instead.
 func (*AcquireLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{5}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *AcquireLeaseResponse) GetLease() *Lease {
@@ -456,7 +709,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -468,7 +721,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[6]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -481,7 +734,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{6}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RenewLeaseRequest) GetLeaseId() string {
@@ -507,7 +760,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +772,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[7]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +785,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{7}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RenewLeaseResponse) GetLease() *Lease {
@@ -551,7 +804,7 @@ type ReleaseLeaseRequest struct {
 
 func (x *ReleaseLeaseRequest) Reset() {
 	*x = ReleaseLeaseRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -563,7 +816,7 @@ func (x *ReleaseLeaseRequest) String() string {
 func (*ReleaseLeaseRequest) ProtoMessage() {}
 
 func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[8]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -576,7 +829,7 @@ func (x *ReleaseLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{8}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReleaseLeaseRequest) GetLeaseId() string {
@@ -595,7 +848,7 @@ type ReleaseLeaseResponse struct {
 
 func (x *ReleaseLeaseResponse) Reset() {
 	*x = ReleaseLeaseResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +860,7 @@ func (x *ReleaseLeaseResponse) String() string {
 func (*ReleaseLeaseResponse) ProtoMessage() {}
 
 func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[9]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +873,7 @@ func (x *ReleaseLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLeaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{9}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReleaseLeaseResponse) GetLease() *Lease {
@@ -638,7 +891,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[10]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -650,7 +903,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[10]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -663,7 +916,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{10}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{14}
 }
 
 type WhoAmIResponse struct {
@@ -679,7 +932,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_leasehold_v1_broker_proto_msgTypes[11]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +944,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_broker_proto_msgTypes[11]
+	mi := &file_leasehold_v1_broker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +957,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{11}
+	return file_leasehold_v1_broker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *WhoAmIResponse) GetSpiffeId() string {
@@ -732,7 +985,25 @@ var File_leasehold_v1_broker_proto protoreflect.FileDescriptor
 
 const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\n" +
-	"\x19leasehold/v1/broker.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\")\n" +
+	"\x19leasehold/v1/broker.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\x90\x02\n" +
+	"\x14DelegateGrantRequest\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x01 \x01(\tR\n" +
+	"credential\x12\x17\n" +
+	"\atask_id\x18\x02 \x01(\tR\x06taskId\x12\x18\n" +
+	"\asubtask\x18\x03 \x01(\tR\asubtask\x12,\n" +
+	"\x12delegate_spiffe_id\x18\x04 \x01(\tR\x10delegateSpiffeId\x12\x16\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\x12+\n" +
+	"\x03ttl\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x122\n" +
+	"\amax_ttl\x18\a \x01(\v2\x19.google.protobuf.DurationR\x06maxTtl\"B\n" +
+	"\x15DelegateGrantResponse\x12)\n" +
+	"\x05grant\x18\x01 \x01(\v2\x13.leasehold.v1.GrantR\x05grant\"L\n" +
+	"\x17RevokeDelegationRequest\x12\x19\n" +
+	"\bgrant_id\x18\x01 \x01(\tR\agrantId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"h\n" +
+	"\x18RevokeDelegationResponse\x12%\n" +
+	"\x0egrants_deleted\x18\x01 \x01(\x05R\rgrantsDeleted\x12%\n" +
+	"\x0eleases_revoked\x18\x02 \x01(\x05R\rleasesRevoked\")\n" +
 	"\x0eEndTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"4\n" +
 	"\x0fEndTaskResponse\x12!\n" +
@@ -784,7 +1055,7 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\x13LEASE_EVENT_RENEWED\x10\x02\x12\x18\n" +
 	"\x14LEASE_EVENT_RELEASED\x10\x03\x12\x17\n" +
 	"\x13LEASE_EVENT_EXPIRED\x10\x04\x12\x17\n" +
-	"\x13LEASE_EVENT_REVOKED\x10\x052\xf1\x03\n" +
+	"\x13LEASE_EVENT_REVOKED\x10\x052\xae\x05\n" +
 	"\rBrokerService\x12U\n" +
 	"\fAcquireLease\x12!.leasehold.v1.AcquireLeaseRequest\x1a\".leasehold.v1.AcquireLeaseResponse\x12O\n" +
 	"\n" +
@@ -792,7 +1063,9 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\fReleaseLease\x12!.leasehold.v1.ReleaseLeaseRequest\x1a\".leasehold.v1.ReleaseLeaseResponse\x12C\n" +
 	"\x06WhoAmI\x12\x1b.leasehold.v1.WhoAmIRequest\x1a\x1c.leasehold.v1.WhoAmIResponse\x12T\n" +
 	"\vWatchLeases\x12 .leasehold.v1.WatchLeasesRequest\x1a!.leasehold.v1.WatchLeasesResponse0\x01\x12F\n" +
-	"\aEndTask\x12\x1c.leasehold.v1.EndTaskRequest\x1a\x1d.leasehold.v1.EndTaskResponseB?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
+	"\aEndTask\x12\x1c.leasehold.v1.EndTaskRequest\x1a\x1d.leasehold.v1.EndTaskResponse\x12X\n" +
+	"\rDelegateGrant\x12\".leasehold.v1.DelegateGrantRequest\x1a#.leasehold.v1.DelegateGrantResponse\x12a\n" +
+	"\x10RevokeDelegation\x12%.leasehold.v1.RevokeDelegationRequest\x1a&.leasehold.v1.RevokeDelegationResponseB?Z=github.com/leasehold/leasehold/proto/leasehold/v1;leaseholdv1b\x06proto3"
 
 var (
 	file_leasehold_v1_broker_proto_rawDescOnce sync.Once
@@ -807,54 +1080,66 @@ func file_leasehold_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_leasehold_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_leasehold_v1_broker_proto_goTypes = []any{
-	(LeaseEvent)(0),               // 0: leasehold.v1.LeaseEvent
-	(*EndTaskRequest)(nil),        // 1: leasehold.v1.EndTaskRequest
-	(*EndTaskResponse)(nil),       // 2: leasehold.v1.EndTaskResponse
-	(*WatchLeasesRequest)(nil),    // 3: leasehold.v1.WatchLeasesRequest
-	(*WatchLeasesResponse)(nil),   // 4: leasehold.v1.WatchLeasesResponse
-	(*AcquireLeaseRequest)(nil),   // 5: leasehold.v1.AcquireLeaseRequest
-	(*AcquireLeaseResponse)(nil),  // 6: leasehold.v1.AcquireLeaseResponse
-	(*RenewLeaseRequest)(nil),     // 7: leasehold.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),    // 8: leasehold.v1.RenewLeaseResponse
-	(*ReleaseLeaseRequest)(nil),   // 9: leasehold.v1.ReleaseLeaseRequest
-	(*ReleaseLeaseResponse)(nil),  // 10: leasehold.v1.ReleaseLeaseResponse
-	(*WhoAmIRequest)(nil),         // 11: leasehold.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),        // 12: leasehold.v1.WhoAmIResponse
-	nil,                           // 13: leasehold.v1.AcquireLeaseResponse.SecretEntry
-	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 15: google.protobuf.Duration
-	(*Task)(nil),                  // 16: leasehold.v1.Task
-	(*Lease)(nil),                 // 17: leasehold.v1.Lease
+	(LeaseEvent)(0),                  // 0: leasehold.v1.LeaseEvent
+	(*DelegateGrantRequest)(nil),     // 1: leasehold.v1.DelegateGrantRequest
+	(*DelegateGrantResponse)(nil),    // 2: leasehold.v1.DelegateGrantResponse
+	(*RevokeDelegationRequest)(nil),  // 3: leasehold.v1.RevokeDelegationRequest
+	(*RevokeDelegationResponse)(nil), // 4: leasehold.v1.RevokeDelegationResponse
+	(*EndTaskRequest)(nil),           // 5: leasehold.v1.EndTaskRequest
+	(*EndTaskResponse)(nil),          // 6: leasehold.v1.EndTaskResponse
+	(*WatchLeasesRequest)(nil),       // 7: leasehold.v1.WatchLeasesRequest
+	(*WatchLeasesResponse)(nil),      // 8: leasehold.v1.WatchLeasesResponse
+	(*AcquireLeaseRequest)(nil),      // 9: leasehold.v1.AcquireLeaseRequest
+	(*AcquireLeaseResponse)(nil),     // 10: leasehold.v1.AcquireLeaseResponse
+	(*RenewLeaseRequest)(nil),        // 11: leasehold.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),       // 12: leasehold.v1.RenewLeaseResponse
+	(*ReleaseLeaseRequest)(nil),      // 13: leasehold.v1.ReleaseLeaseRequest
+	(*ReleaseLeaseResponse)(nil),     // 14: leasehold.v1.ReleaseLeaseResponse
+	(*WhoAmIRequest)(nil),            // 15: leasehold.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),           // 16: leasehold.v1.WhoAmIResponse
+	nil,                              // 17: leasehold.v1.AcquireLeaseResponse.SecretEntry
+	(*durationpb.Duration)(nil),      // 18: google.protobuf.Duration
+	(*Grant)(nil),                    // 19: leasehold.v1.Grant
+	(*timestamppb.Timestamp)(nil),    // 20: google.protobuf.Timestamp
+	(*Task)(nil),                     // 21: leasehold.v1.Task
+	(*Lease)(nil),                    // 22: leasehold.v1.Lease
 }
 var file_leasehold_v1_broker_proto_depIdxs = []int32{
-	0,  // 0: leasehold.v1.WatchLeasesResponse.event:type_name -> leasehold.v1.LeaseEvent
-	14, // 1: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
-	15, // 2: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	16, // 3: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
-	17, // 4: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	13, // 5: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
-	15, // 6: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	17, // 7: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	17, // 8: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	5,  // 9: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
-	7,  // 10: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
-	9,  // 11: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
-	11, // 12: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
-	3,  // 13: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
-	1,  // 14: leasehold.v1.BrokerService.EndTask:input_type -> leasehold.v1.EndTaskRequest
-	6,  // 15: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
-	8,  // 16: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
-	10, // 17: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
-	12, // 18: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
-	4,  // 19: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
-	2,  // 20: leasehold.v1.BrokerService.EndTask:output_type -> leasehold.v1.EndTaskResponse
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	18, // 0: leasehold.v1.DelegateGrantRequest.ttl:type_name -> google.protobuf.Duration
+	18, // 1: leasehold.v1.DelegateGrantRequest.max_ttl:type_name -> google.protobuf.Duration
+	19, // 2: leasehold.v1.DelegateGrantResponse.grant:type_name -> leasehold.v1.Grant
+	0,  // 3: leasehold.v1.WatchLeasesResponse.event:type_name -> leasehold.v1.LeaseEvent
+	20, // 4: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
+	18, // 5: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	21, // 6: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
+	22, // 7: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	17, // 8: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
+	18, // 9: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	22, // 10: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	22, // 11: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	9,  // 12: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
+	11, // 13: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
+	13, // 14: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
+	15, // 15: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
+	7,  // 16: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
+	5,  // 17: leasehold.v1.BrokerService.EndTask:input_type -> leasehold.v1.EndTaskRequest
+	1,  // 18: leasehold.v1.BrokerService.DelegateGrant:input_type -> leasehold.v1.DelegateGrantRequest
+	3,  // 19: leasehold.v1.BrokerService.RevokeDelegation:input_type -> leasehold.v1.RevokeDelegationRequest
+	10, // 20: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
+	12, // 21: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
+	14, // 22: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
+	16, // 23: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
+	8,  // 24: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
+	6,  // 25: leasehold.v1.BrokerService.EndTask:output_type -> leasehold.v1.EndTaskResponse
+	2,  // 26: leasehold.v1.BrokerService.DelegateGrant:output_type -> leasehold.v1.DelegateGrantResponse
+	4,  // 27: leasehold.v1.BrokerService.RevokeDelegation:output_type -> leasehold.v1.RevokeDelegationResponse
+	20, // [20:28] is the sub-list for method output_type
+	12, // [12:20] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_broker_proto_init() }
@@ -869,7 +1154,7 @@ func file_leasehold_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_broker_proto_rawDesc), len(file_leasehold_v1_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   13,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,12 +19,14 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	BrokerService_AcquireLease_FullMethodName = "/leasehold.v1.BrokerService/AcquireLease"
-	BrokerService_RenewLease_FullMethodName   = "/leasehold.v1.BrokerService/RenewLease"
-	BrokerService_ReleaseLease_FullMethodName = "/leasehold.v1.BrokerService/ReleaseLease"
-	BrokerService_WhoAmI_FullMethodName       = "/leasehold.v1.BrokerService/WhoAmI"
-	BrokerService_WatchLeases_FullMethodName  = "/leasehold.v1.BrokerService/WatchLeases"
-	BrokerService_EndTask_FullMethodName      = "/leasehold.v1.BrokerService/EndTask"
+	BrokerService_AcquireLease_FullMethodName     = "/leasehold.v1.BrokerService/AcquireLease"
+	BrokerService_RenewLease_FullMethodName       = "/leasehold.v1.BrokerService/RenewLease"
+	BrokerService_ReleaseLease_FullMethodName     = "/leasehold.v1.BrokerService/ReleaseLease"
+	BrokerService_WhoAmI_FullMethodName           = "/leasehold.v1.BrokerService/WhoAmI"
+	BrokerService_WatchLeases_FullMethodName      = "/leasehold.v1.BrokerService/WatchLeases"
+	BrokerService_EndTask_FullMethodName          = "/leasehold.v1.BrokerService/EndTask"
+	BrokerService_DelegateGrant_FullMethodName    = "/leasehold.v1.BrokerService/DelegateGrant"
+	BrokerService_RevokeDelegation_FullMethodName = "/leasehold.v1.BrokerService/RevokeDelegation"
 )
 
 // BrokerServiceClient is the client API for BrokerService service.
@@ -55,6 +57,17 @@ type BrokerServiceClient interface {
 	// EndTask releases every active lease the caller holds for the task and
 	// its subtasks (task ids extending it with "/").
 	EndTask(ctx context.Context, in *EndTaskRequest, opts ...grpc.CallOption) (*EndTaskResponse, error)
+	// DelegateGrant hands another agent part of the caller's access for a
+	// subtask of the caller's task: the same credential, scopes a subset of
+	// the caller's grant, a lifetime within what the caller's grant allows,
+	// one level deeper (the root grant's max_delegation_depth limits how
+	// deep). The caller cannot use the grant it creates, nor see, renew or
+	// release the sub-agent's leases. Revoking the caller, its grant or its
+	// task deletes every grant delegated below it and ends their leases.
+	DelegateGrant(ctx context.Context, in *DelegateGrantRequest, opts ...grpc.CallOption) (*DelegateGrantResponse, error)
+	// RevokeDelegation deletes a grant the caller delegated (directly or
+	// further up its chain), everything delegated below it, and their leases.
+	RevokeDelegation(ctx context.Context, in *RevokeDelegationRequest, opts ...grpc.CallOption) (*RevokeDelegationResponse, error)
 }
 
 type brokerServiceClient struct {
@@ -134,6 +147,26 @@ func (c *brokerServiceClient) EndTask(ctx context.Context, in *EndTaskRequest, o
 	return out, nil
 }
 
+func (c *brokerServiceClient) DelegateGrant(ctx context.Context, in *DelegateGrantRequest, opts ...grpc.CallOption) (*DelegateGrantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DelegateGrantResponse)
+	err := c.cc.Invoke(ctx, BrokerService_DelegateGrant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *brokerServiceClient) RevokeDelegation(ctx context.Context, in *RevokeDelegationRequest, opts ...grpc.CallOption) (*RevokeDelegationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeDelegationResponse)
+	err := c.cc.Invoke(ctx, BrokerService_RevokeDelegation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BrokerServiceServer is the server API for BrokerService service.
 // All implementations must embed UnimplementedBrokerServiceServer
 // for forward compatibility.
@@ -162,6 +195,17 @@ type BrokerServiceServer interface {
 	// EndTask releases every active lease the caller holds for the task and
 	// its subtasks (task ids extending it with "/").
 	EndTask(context.Context, *EndTaskRequest) (*EndTaskResponse, error)
+	// DelegateGrant hands another agent part of the caller's access for a
+	// subtask of the caller's task: the same credential, scopes a subset of
+	// the caller's grant, a lifetime within what the caller's grant allows,
+	// one level deeper (the root grant's max_delegation_depth limits how
+	// deep). The caller cannot use the grant it creates, nor see, renew or
+	// release the sub-agent's leases. Revoking the caller, its grant or its
+	// task deletes every grant delegated below it and ends their leases.
+	DelegateGrant(context.Context, *DelegateGrantRequest) (*DelegateGrantResponse, error)
+	// RevokeDelegation deletes a grant the caller delegated (directly or
+	// further up its chain), everything delegated below it, and their leases.
+	RevokeDelegation(context.Context, *RevokeDelegationRequest) (*RevokeDelegationResponse, error)
 	mustEmbedUnimplementedBrokerServiceServer()
 }
 
@@ -189,6 +233,12 @@ func (UnimplementedBrokerServiceServer) WatchLeases(*WatchLeasesRequest, grpc.Se
 }
 func (UnimplementedBrokerServiceServer) EndTask(context.Context, *EndTaskRequest) (*EndTaskResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method EndTask not implemented")
+}
+func (UnimplementedBrokerServiceServer) DelegateGrant(context.Context, *DelegateGrantRequest) (*DelegateGrantResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DelegateGrant not implemented")
+}
+func (UnimplementedBrokerServiceServer) RevokeDelegation(context.Context, *RevokeDelegationRequest) (*RevokeDelegationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeDelegation not implemented")
 }
 func (UnimplementedBrokerServiceServer) mustEmbedUnimplementedBrokerServiceServer() {}
 func (UnimplementedBrokerServiceServer) testEmbeddedByValue()                       {}
@@ -312,6 +362,42 @@ func _BrokerService_EndTask_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BrokerService_DelegateGrant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DelegateGrantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServiceServer).DelegateGrant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BrokerService_DelegateGrant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServiceServer).DelegateGrant(ctx, req.(*DelegateGrantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _BrokerService_RevokeDelegation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeDelegationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServiceServer).RevokeDelegation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BrokerService_RevokeDelegation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServiceServer).RevokeDelegation(ctx, req.(*RevokeDelegationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // BrokerService_ServiceDesc is the grpc.ServiceDesc for BrokerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -338,6 +424,14 @@ var BrokerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "EndTask",
 			Handler:    _BrokerService_EndTask_Handler,
+		},
+		{
+			MethodName: "DelegateGrant",
+			Handler:    _BrokerService_DelegateGrant_Handler,
+		},
+		{
+			MethodName: "RevokeDelegation",
+			Handler:    _BrokerService_RevokeDelegation_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -108,6 +108,8 @@ const (
 	AuditEvent_AUDIT_EVENT_TASK_END AuditEvent = 15
 	// An admin revoked a task (RevokeTask).
 	AuditEvent_AUDIT_EVENT_TASK_REVOKE AuditEvent = 16
+	// An agent delegated part of its grant to another agent.
+	AuditEvent_AUDIT_EVENT_GRANT_DELEGATE AuditEvent = 17
 )
 
 // Enum value maps for AuditEvent.
@@ -130,6 +132,7 @@ var (
 		14: "AUDIT_EVENT_CREDENTIAL_ROTATE",
 		15: "AUDIT_EVENT_TASK_END",
 		16: "AUDIT_EVENT_TASK_REVOKE",
+		17: "AUDIT_EVENT_GRANT_DELEGATE",
 	}
 	AuditEvent_value = map[string]int32{
 		"AUDIT_EVENT_UNSPECIFIED":       0,
@@ -149,6 +152,7 @@ var (
 		"AUDIT_EVENT_CREDENTIAL_ROTATE": 14,
 		"AUDIT_EVENT_TASK_END":          15,
 		"AUDIT_EVENT_TASK_REVOKE":       16,
+		"AUDIT_EVENT_GRANT_DELEGATE":    17,
 	}
 )
 
@@ -708,10 +712,26 @@ type Grant struct {
 	MaxLifetime *durationpb.Duration   `protobuf:"bytes,7,opt,name=max_lifetime,json=maxLifetime,proto3" json:"max_lifetime,omitempty"`
 	Description string                 `protobuf:"bytes,8,opt,name=description,proto3" json:"description,omitempty"`
 	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	// SPIFFE ID of the admin that created the grant.
-	CreatedBy     string `protobuf:"bytes,10,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// SPIFFE ID of the admin (or, for a delegated grant, the agent) that
+	// created the grant.
+	CreatedBy string `protobuf:"bytes,10,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	// How many levels of delegation may start from this grant: 0 (the
+	// default) allows none. A delegated grant has one less than its parent.
+	MaxDelegationDepth int32 `protobuf:"varint,11,opt,name=max_delegation_depth,json=maxDelegationDepth,proto3" json:"max_delegation_depth,omitempty"`
+	// When set, leases under this grant must be for this task or one of its
+	// subtasks (ids extending it with "/").
+	TaskId string `protobuf:"bytes,12,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	// When set, the grant allows nothing after this time, and no lease under
+	// it lasts longer.
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// Delegated grants only (read-only): the grant it was delegated from, the
+	// agent that delegated it, and the chain of delegating agents from the
+	// first to the last.
+	ParentGrantId   string   `protobuf:"bytes,14,opt,name=parent_grant_id,json=parentGrantId,proto3" json:"parent_grant_id,omitempty"`
+	DelegatedBy     string   `protobuf:"bytes,15,opt,name=delegated_by,json=delegatedBy,proto3" json:"delegated_by,omitempty"`
+	DelegationChain []string `protobuf:"bytes,16,rep,name=delegation_chain,json=delegationChain,proto3" json:"delegation_chain,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Grant) Reset() {
@@ -823,6 +843,48 @@ func (x *Grant) GetCreatedBy() string {
 		return x.CreatedBy
 	}
 	return ""
+}
+
+func (x *Grant) GetMaxDelegationDepth() int32 {
+	if x != nil {
+		return x.MaxDelegationDepth
+	}
+	return 0
+}
+
+func (x *Grant) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *Grant) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Grant) GetParentGrantId() string {
+	if x != nil {
+		return x.ParentGrantId
+	}
+	return ""
+}
+
+func (x *Grant) GetDelegatedBy() string {
+	if x != nil {
+		return x.DelegatedBy
+	}
+	return ""
+}
+
+func (x *Grant) GetDelegationChain() []string {
+	if x != nil {
+		return x.DelegationChain
+	}
+	return nil
 }
 
 type isGrant_Subject interface {
@@ -971,10 +1033,13 @@ type AuditRecord struct {
 	PrevHash string `protobuf:"bytes,17,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
 	// W3C trace and span id of the request that caused the record: open the
 	// trace in your tracing backend to see the whole task.
-	TraceId       string `protobuf:"bytes,18,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
-	SpanId        string `protobuf:"bytes,19,opt,name=span_id,json=spanId,proto3" json:"span_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TraceId string `protobuf:"bytes,18,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	SpanId  string `protobuf:"bytes,19,opt,name=span_id,json=spanId,proto3" json:"span_id,omitempty"`
+	// For events under a delegated grant: the agents that delegated it, first
+	// to last (agent_id acted for the last, who acted for the one before...).
+	DelegationChain []string `protobuf:"bytes,20,rep,name=delegation_chain,json=delegationChain,proto3" json:"delegation_chain,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AuditRecord) Reset() {
@@ -1140,6 +1205,13 @@ func (x *AuditRecord) GetSpanId() string {
 	return ""
 }
 
+func (x *AuditRecord) GetDelegationChain() []string {
+	if x != nil {
+		return x.DelegationChain
+	}
+	return nil
+}
+
 // AuditCheckpoint pins the audit chain at one record. Keep checkpoints
 // outside the broker; VerifyAudit with them proves the log up to each was
 // not rewritten since.
@@ -1261,7 +1333,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x1a9\n" +
 	"\vConfigEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x93\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8f\x05\n" +
 	"\x05Grant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
 	"\tspiffe_id\x18\x02 \x01(\tH\x00R\bspiffeId\x12*\n" +
@@ -1277,7 +1349,14 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x1d\n" +
 	"\n" +
 	"created_by\x18\n" +
-	" \x01(\tR\tcreatedByB\t\n" +
+	" \x01(\tR\tcreatedBy\x120\n" +
+	"\x14max_delegation_depth\x18\v \x01(\x05R\x12maxDelegationDepth\x12\x17\n" +
+	"\atask_id\x18\f \x01(\tR\x06taskId\x129\n" +
+	"\n" +
+	"expires_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12&\n" +
+	"\x0fparent_grant_id\x18\x0e \x01(\tR\rparentGrantId\x12!\n" +
+	"\fdelegated_by\x18\x0f \x01(\tR\vdelegatedBy\x12)\n" +
+	"\x10delegation_chain\x18\x10 \x03(\tR\x0fdelegationChainB\t\n" +
 	"\asubject\"\xb3\x02\n" +
 	"\x05Agent\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x18\n" +
@@ -1289,7 +1368,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"revoked_by\x18\x05 \x01(\tR\trevokedBy\x129\n" +
 	"\n" +
 	"first_seen\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tfirstSeen\x127\n" +
-	"\tlast_seen\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\"\xc8\x04\n" +
+	"\tlast_seen\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\"\xf3\x04\n" +
 	"\vAuditRecord\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12.\n" +
@@ -1313,7 +1392,8 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x04hash\x18\x10 \x01(\tR\x04hash\x12\x1b\n" +
 	"\tprev_hash\x18\x11 \x01(\tR\bprevHash\x12\x19\n" +
 	"\btrace_id\x18\x12 \x01(\tR\atraceId\x12\x17\n" +
-	"\aspan_id\x18\x13 \x01(\tR\x06spanId\"q\n" +
+	"\aspan_id\x18\x13 \x01(\tR\x06spanId\x12)\n" +
+	"\x10delegation_chain\x18\x14 \x03(\tR\x0fdelegationChain\"q\n" +
 	"\x0fAuditCheckpoint\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x12\n" +
 	"\x04hash\x18\x02 \x01(\tR\x04hash\x12.\n" +
@@ -1324,7 +1404,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n" +
 	"\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n" +
-	"\x13LEASE_STATE_REVOKED\x10\x04*\x92\x04\n" +
+	"\x13LEASE_STATE_REVOKED\x10\x04*\xb2\x04\n" +
 	"\n" +
 	"AuditEvent\x12\x1b\n" +
 	"\x17AUDIT_EVENT_UNSPECIFIED\x10\x00\x12\x1d\n" +
@@ -1344,7 +1424,8 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x17AUDIT_EVENT_AUDIT_PRUNE\x10\r\x12!\n" +
 	"\x1dAUDIT_EVENT_CREDENTIAL_ROTATE\x10\x0e\x12\x18\n" +
 	"\x14AUDIT_EVENT_TASK_END\x10\x0f\x12\x1b\n" +
-	"\x17AUDIT_EVENT_TASK_REVOKE\x10\x10*K\n" +
+	"\x17AUDIT_EVENT_TASK_REVOKE\x10\x10\x12\x1e\n" +
+	"\x1aAUDIT_EVENT_GRANT_DELEGATE\x10\x11*K\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
@@ -1398,18 +1479,19 @@ var file_leasehold_v1_types_proto_depIdxs = []int32{
 	14, // 13: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
 	14, // 14: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
 	13, // 15: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	13, // 16: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
-	13, // 17: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
-	13, // 18: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
-	13, // 19: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	1,  // 20: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
-	2,  // 21: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
-	13, // 22: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
-	23, // [23:23] is the sub-list for method output_type
-	23, // [23:23] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	13, // 16: leasehold.v1.Grant.expires_at:type_name -> google.protobuf.Timestamp
+	13, // 17: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
+	13, // 18: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
+	13, // 19: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
+	13, // 20: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	1,  // 21: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
+	2,  // 22: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
+	13, // 23: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_types_proto_init() }
