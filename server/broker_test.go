@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -172,8 +173,8 @@ func TestRevokeAgentHoldsAcrossRestart(t *testing.T) {
 	e.putStatic("crm/salesforce", map[string]string{"api_key": "k"})
 	e.grant("crm/salesforce", agent1ID, "read")
 	var ids []string
-	for range 3 {
-		l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", "t", "read"))
+	for i := range 3 {
+		l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", fmt.Sprintf("t-%d", i), "read"))
 		require.NoError(t, err)
 		ids = append(ids, l.GetLease().GetId())
 	}
@@ -260,8 +261,8 @@ func TestDynamicBackendArtifactsAreRevokedUpstream(t *testing.T) {
 	require.NoError(t, err)
 	e.grant("db/dyn", agent1ID, "read")
 	var users []string
-	for range 3 {
-		l, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("db/dyn", "t", "read"), time.Minute))
+	for i := range 3 {
+		l, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("db/dyn", fmt.Sprintf("t-%d", i), "read"), time.Minute))
 		require.NoError(t, err)
 		require.Equal(t, "role_"+l.GetLease().GetId(), l.GetSecret()["user"], "each lease gets its own upstream credential")
 		users = append(users, l.GetSecret()["user"])
@@ -295,7 +296,7 @@ func TestReaperEndsExpiredLeasesAndResumesAfterRestart(t *testing.T) {
 	e.grant("a/b", agent1ID, "read")
 	l1, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("a/b", "t", "read"), time.Minute))
 	require.NoError(t, err)
-	l2, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("a/b", "t", "read"), 10*time.Minute))
+	l2, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("a/b", "t2", "read"), 10*time.Minute))
 	require.NoError(t, err)
 
 	state := func(id string) leaseholdv1.LeaseState {

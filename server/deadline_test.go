@@ -45,7 +45,7 @@ func TestAuditDeadlineFailsClosedAndReportsHealth(t *testing.T) {
 	close(stall)
 	require.Eventually(t, func() bool { return status(server.AuditHealthService) == healthpb.HealthCheckResponse_SERVING },
 		5*time.Second, 10*time.Millisecond, "health recovers once the stalled writes finish")
-	_, err = e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", "t", "read"))
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", "t2", "read"))
 	require.NoError(t, err)
 	// The stalled acquire committed late: its lease exists but was never
 	// handed out, and its audit record is on the trail.

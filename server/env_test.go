@@ -298,11 +298,12 @@ func (e *env) snapshot() string {
 
 // recordingBackend is a dynamic backend double: it mints a per-lease secret
 // and records upstream revokes, so tests see that ending a lease reaches
-// upstream. It wraps nothing real; it stands in for PostgreSQL/OAuth2 until
-// those backends exist.
+// upstream. It wraps nothing real: a fake for counting and injecting, next
+// to the real PostgreSQL and OAuth2 backends tested elsewhere.
 type recordingBackend struct {
 	mu      sync.Mutex
 	revoked map[string]bool
+	arts    []string // every artifact issued, in order
 	issued  atomic.Int64
 }
 
@@ -312,6 +313,9 @@ func (r *recordingBackend) Validate(backends.Spec) error { return nil }
 
 func (r *recordingBackend) Issue(_ context.Context, req backends.IssueRequest) (*backends.Issued, error) {
 	r.issued.Add(1)
+	r.mu.Lock()
+	r.arts = append(r.arts, "role_"+req.LeaseID)
+	r.mu.Unlock()
 	return &backends.Issued{
 		Secret:   map[string][]byte{"user": []byte("role_" + req.LeaseID)},
 		Artifact: []byte("role_" + req.LeaseID),

@@ -209,7 +209,11 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	var (
 		p       *policy
 		version *store.CredentialVersion
+		twin    *store.Lease
 	)
+	scopeKey := slices.Clone(req.GetScopes())
+	slices.Sort(scopeKey)
+	defer s.same.lock(agent + "\x00" + req.GetTask().GetId() + "\x00" + req.GetCredential() + "\x00" + strings.Join(scopeKey, ","))()
 	if !s.limits.allow(agent, req.GetCredential()) {
 		return nil, s.deny(ctx, rec, errQuota("%s is acquiring %q faster than %v per second; slow down",
 			agent, req.GetCredential(), s.cfg.AcquireRate))
@@ -218,6 +222,9 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	err = s.store.View(pctx, func(tx store.ReadTx) error {
 		var err error
 		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl, req.GetTask().GetId(), now); err != nil || p.denial != nil {
+			return err
+		}
+		if twin, err = liveTwin(tx, agent, req.GetTask().GetId(), req.GetCredential(), req.GetScopes(), p.cred.CurrentVersion, now); err != nil || twin != nil {
 			return err
 		}
 		if qerr := s.checkQuotas(tx, agent, req.GetTask().GetId()); qerr != nil {
@@ -243,6 +250,27 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 			return nil, p.denial // bad input: answered, not recorded
 		}
 		return nil, s.deny(ctx, rec, p.denial)
+	}
+	if twin != nil {
+		out, err := s.returnTwin(ctx, rec, twin, now)
+		if !errors.Is(err, errTwinGone) {
+			return out, err
+		}
+		// It ended meanwhile: issue a new lease after all.
+		err = s.store.View(ctx, func(tx store.ReadTx) error {
+			if qerr := s.checkQuotas(tx, agent, req.GetTask().GetId()); qerr != nil {
+				return qerr
+			}
+			var err error
+			version, err = tx.GetCredentialVersion(p.cred.Name, p.cred.CurrentVersion)
+			return err
+		})
+		if err != nil {
+			if codeOf(err) == codes.ResourceExhausted {
+				return nil, s.deny(ctx, rec, err)
+			}
+			return nil, err
+		}
 	}
 	cred, grant := p.cred, p.grant
 
@@ -290,7 +318,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		lease.ExpiresAt = issued.ExpiresAt
 	}
 	if len(issued.Artifact) > 0 {
-		err = s.sealArtifact(lease, issued.Artifact, spec)
+		err = s.sealArtifact(lease, issued.Artifact, spec, issued.Secret)
 		if err != nil {
 			s.revokeNow(ctx, lease, issued.Artifact, spec)
 			clear(issued.Artifact)
@@ -304,6 +332,7 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	// what a concurrent RevokeAgent or DeleteGrant may have changed since the
 	// read above; the secret leaves only after this commit is durable.
 	cctx, cspan := s.startSpan(ctx, "store.commit")
+	var dup *twinSecret
 	err = s.store.Update(cctx, func(tx store.Tx) error {
 		if err := admitAgent(tx, agent, now); err != nil {
 			return err
@@ -314,6 +343,20 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 			}
 			return err
 		}
+		// A concurrent identical acquire committed first: return its lease
+		// instead, and destroy what was issued for this one below.
+		dup = nil
+		t, err := liveTwin(tx, agent, lease.TaskID, lease.Credential, lease.Scopes, lease.CredentialVersion, now)
+		if err != nil {
+			return err
+		}
+		if t != nil {
+			dup = &twinSecret{lease: t}
+			if err := dup.load(tx); err != nil {
+				return err
+			}
+			return appendAudit(ctx, tx, twinRecord(rec, t))
+		}
 		if err := s.checkQuotas(tx, agent, lease.TaskID); err != nil {
 			return err
 		}
@@ -323,6 +366,10 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		return appendAudit(ctx, tx, rec)
 	})
 	endSpan(cspan, err)
+	if err == nil && dup != nil {
+		s.revokeNow(ctx, lease, issued.Artifact, spec)
+		return s.twinResponse(dup)
+	}
 	if err != nil {
 		// Nothing durable says this artifact exists: destroy it now.
 		s.revokeNow(ctx, lease, issued.Artifact, spec)
@@ -334,6 +381,70 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	}
 	out := &leaseholdv1.AcquireLeaseResponse{Lease: leaseToProto(lease), Secret: make(map[string]string, len(issued.Secret))}
 	for k, v := range issued.Secret {
+		out.Secret[k] = string(v)
+	}
+	return out, nil
+}
+
+// errTwinGone: the live lease an acquire would have returned ended before
+// the return was committed.
+var errTwinGone = errors.New("twin lease ended")
+
+func twinRecord(rec *store.AuditRecord, t *store.Lease) *store.AuditRecord {
+	r := *rec
+	r.LeaseID, r.GrantID, r.DelegationChain = t.ID, t.GrantID, t.DelegationChain
+	r.Reason = fmt.Sprintf("returned the caller's live lease %s for the same task, credential and scopes (idempotent acquire); expires %s",
+		t.ID, t.ExpiresAt.UTC().Format(time.RFC3339))
+	return &r
+}
+
+// returnTwin answers an acquire with the caller's live identical lease,
+// after recording that durably, as any acquire.
+func (s *Server) returnTwin(ctx context.Context, rec *store.AuditRecord, twin *store.Lease, now time.Time) (*leaseholdv1.AcquireLeaseResponse, error) {
+	ts := &twinSecret{}
+	r := twinRecord(rec, twin)
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		if err := admitAgent(tx, twin.AgentID, now); err != nil {
+			return err
+		}
+		l, err := tx.GetLease(twin.ID)
+		if err != nil {
+			return err
+		}
+		if !l.Active(now) {
+			return errTwinGone
+		}
+		if _, err := tx.GetGrant(l.GrantID); err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				return errDenied("grant %s was deleted", l.GrantID)
+			}
+			return err
+		}
+		ts.lease = l
+		if err := ts.load(tx); err != nil {
+			return err
+		}
+		return appendAudit(ctx, tx, r)
+	})
+	switch {
+	case errors.Is(err, errTwinGone):
+		return nil, err
+	case isDenied(err):
+		return nil, s.deny(ctx, rec, err)
+	case err != nil:
+		return nil, s.writeFailed(ctx, err)
+	}
+	return s.twinResponse(ts)
+}
+
+func (s *Server) twinResponse(t *twinSecret) (*leaseholdv1.AcquireLeaseResponse, error) {
+	secret, err := s.openTwin(t)
+	if err != nil {
+		return nil, err
+	}
+	defer clearSecret(secret)
+	out := &leaseholdv1.AcquireLeaseResponse{Lease: leaseToProto(t.lease), Secret: make(map[string]string, len(secret))}
+	for k, v := range secret {
 		out.Secret[k] = string(v)
 	}
 	return out, nil
@@ -546,7 +657,7 @@ func specAAD(id string) []byte { return []byte("leasehold/lease/" + id + "/spec"
 
 // sealArtifact stores a dynamic lease's upstream artifact and a snapshot of
 // the credential's config and secret, both sealed under a per-lease key.
-func (s *Server) sealArtifact(l *store.Lease, artifact []byte, spec backends.Spec) error {
+func (s *Server) sealArtifact(l *store.Lease, artifact []byte, spec backends.Spec, issued map[string][]byte) error {
 	key, err := s.keyring.NewDataKey(leaseAAD(l.ID))
 	if err != nil {
 		return err
@@ -565,8 +676,82 @@ func (s *Server) sealArtifact(l *store.Lease, artifact []byte, spec backends.Spe
 	if err != nil {
 		return err
 	}
-	l.ArtifactKey, l.Artifact, l.RevokeSpec = key, sealed, sealedSpec
+	secret, err := json.Marshal(issued)
+	if err != nil {
+		return err
+	}
+	defer clear(secret)
+	sealedSecret, err := s.keyring.Seal(key, leaseAAD(l.ID), secret, secretAAD(l.ID))
+	if err != nil {
+		return err
+	}
+	l.ArtifactKey, l.Artifact, l.RevokeSpec, l.SealedSecret = key, sealed, sealedSpec, sealedSecret
 	return nil
+}
+
+// secretAAD binds a lease's sealed issued secret to the lease.
+func secretAAD(id string) []byte { return []byte("leasehold/lease/" + id + "/secret") }
+
+// liveTwin returns the caller's live lease for the same task, credential
+// (at its current version) and scopes, if there is one: acquiring again
+// returns it (idempotent acquire) instead of minting another, so an agent
+// that retries after a timeout does not pile up leases.
+func liveTwin(tx store.ReadTx, agent, task, credential string, scopes []string, version uint64, now time.Time) (*store.Lease, error) {
+	leases, err := tx.ListLeases(store.LeaseFilter{AgentID: agent, TaskID: task, ActiveOnly: true}, "", 0)
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range leases {
+		// A lease of an older credential version is no twin: a new acquire
+		// gets the current version.
+		if l.Credential == credential && l.CredentialVersion == version && sameSet(l.Scopes, scopes) && l.Active(now) &&
+			(len(l.Artifact) == 0 || len(l.SealedSecret) > 0) {
+			return l, nil
+		}
+	}
+	return nil, nil
+}
+
+func sameSet(a, b []string) bool {
+	return backends.SubsetOf(a, b) && backends.SubsetOf(b, a)
+}
+
+// twinSecret is what a twin lease handed out: a dynamic lease's sealed
+// issued secret, or a static lease's credential version.
+type twinSecret struct {
+	lease   *store.Lease
+	cred    *store.Credential
+	version *store.CredentialVersion
+}
+
+// load reads, inside tx, what open will decrypt.
+func (t *twinSecret) load(tx store.ReadTx) error {
+	if len(t.lease.SealedSecret) > 0 {
+		return nil
+	}
+	var err error
+	if t.cred, err = tx.GetCredential(t.lease.Credential); err != nil {
+		return err
+	}
+	t.version, err = tx.GetCredentialVersion(t.lease.Credential, t.lease.CredentialVersion)
+	return err
+}
+
+func (s *Server) openTwin(t *twinSecret) (map[string][]byte, error) {
+	l := t.lease
+	if len(l.SealedSecret) > 0 {
+		pt, err := s.keyring.Open(l.ArtifactKey, leaseAAD(l.ID), l.SealedSecret, secretAAD(l.ID))
+		if err != nil {
+			return nil, fmt.Errorf("open lease %s secret: %w", l.ID, err)
+		}
+		defer clear(pt)
+		var m map[string][]byte
+		if err := json.Unmarshal(pt, &m); err != nil {
+			return nil, fmt.Errorf("decode lease %s secret: %w", l.ID, err)
+		}
+		return m, nil
+	}
+	return s.openSecret(t.cred, t.version)
 }
 
 // leaseRef opens what a backend needs to renew or revoke a lease's

@@ -54,7 +54,7 @@ func TestMetrics(t *testing.T) {
 	e.grant("crm/salesforce", agent1ID, "read")
 	a, err := e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", "t", "read"))
 	require.NoError(t, err)
-	_, err = e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", "t", "read"))
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("crm/salesforce", "t2", "read"))
 	require.NoError(t, err)
 	_, err = e.agent2.AcquireLease(ctx, acquireReq("crm/salesforce", "t", "read"))
 	require.Error(t, err)

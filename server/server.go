@@ -188,6 +188,7 @@ type Server struct {
 	tracer   trace.Tracer
 	metrics  *metrics
 	limits   *limiters
+	same     keyedMutex // identical acquires, one at a time
 	sinks    []AuditSink
 	grpc     *grpc.Server
 	health   *health.Server

@@ -130,3 +130,40 @@ func (s *Server) checkQuotas(tx store.ReadTx, agent, task string) error {
 	}
 	return nil
 }
+
+// keyedMutex serializes identical acquires (same agent, task, credential and
+// scopes) within this broker, so the second finds the first's lease and is
+// answered with it instead of minting an upstream credential that would be
+// destroyed again. The commit re-checks anyway, for brokers sharing a store.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	mu   sync.Mutex
+	refs int
+}
+
+func (k *keyedMutex) lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedEntry{}
+	}
+	e := k.m[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.m[key] = e
+	}
+	e.refs++
+	k.mu.Unlock()
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		k.mu.Lock()
+		if e.refs--; e.refs == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
+}

@@ -102,8 +102,10 @@ func TestTaskBudgetAndRateLimit(t *testing.T) {
 	})
 	e.putStatic("a/b", map[string]string{"k": "v"})
 	e.grant("a/b", agent1ID, "read")
-	for range 3 {
-		_, err := e.agent1.AcquireLease(ctx, acquireReq("a/b", "batch-1", "read"))
+	for range 3 { // released each time: a live identical lease would be returned, not counted
+		l, err := e.agent1.AcquireLease(ctx, acquireReq("a/b", "batch-1", "read"))
+		require.NoError(t, err)
+		_, err = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: l.GetLease().GetId()})
 		require.NoError(t, err)
 	}
 	_, err := e.agent1.AcquireLease(ctx, acquireReq("a/b", "batch-1", "read"))
@@ -128,8 +130,8 @@ func TestQuotaRefusalIssuesNothingUpstream(t *testing.T) {
 	_, err = e.agent1.AcquireLease(ctx, acquireReq("db/dyn", "t", "read"))
 	require.NoError(t, err)
 	before := recorder.issued.Load()
-	for range 3 {
-		_, err = e.agent1.AcquireLease(ctx, acquireReq("db/dyn", "t", "read"))
+	for i := range 3 {
+		_, err = e.agent1.AcquireLease(ctx, acquireReq("db/dyn", fmt.Sprintf("other-%d", i), "read"))
 		requireCode(t, err, codes.ResourceExhausted, "already holds 1 active leases")
 	}
 	require.Equal(t, before, recorder.issued.Load(), "no upstream credential was minted for a refused request")

@@ -261,6 +261,10 @@ type Lease struct {
 	// a token), sealed under ArtifactKey; empty for static credentials.
 	Artifact    []byte `json:"artifact,omitempty"`
 	ArtifactKey []byte `json:"artifact_key,omitempty"`
+	// SealedSecret is what a dynamic backend issued for the lease (the
+	// agent's secret), sealed under ArtifactKey, so an identical acquire
+	// while the lease lives can return it again.
+	SealedSecret []byte `json:"sealed_secret,omitempty"`
 	// RevokeSpec is the credential's config and secret at issue time,
 	// sealed under ArtifactKey: revocation falls back to it when the
 	// credential has been deleted since.
