@@ -313,6 +313,15 @@ func (a *adminService) CreateGrant(ctx context.Context, req *leaseholdv1.CreateG
 		return nil, err
 	}
 	rec.TaskID = g.GetTaskId()
+	for i, c := range g.GetExpectedCredentials() {
+		if err := validCredentialName(fmt.Sprintf("grant.expected_credentials[%d]", i), c); err != nil {
+			return nil, err
+		}
+	}
+	if g.GetSuspendOnAnomaly() && len(g.GetExpectedCredentials()) == 0 {
+		return nil, errInvalid("grant.suspend_on_anomaly", "needs expected_credentials: the anomaly is a credential outside that set")
+	}
+	rec.ExpectedCredentials, rec.SuspendOnAnomaly = g.GetExpectedCredentials(), g.GetSuspendOnAnomaly()
 	if g.GetExpiresAt() != nil {
 		if err := g.GetExpiresAt().CheckValid(); err != nil {
 			return nil, errInvalid("grant.expires_at", "not a valid timestamp")
@@ -440,43 +449,59 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 		return nil, errPrecondition("an admin cannot revoke itself: it could then not reinstate anyone; ask another admin")
 	}
 	now := s.now()
-	var agent *store.Agent
-	var cascadeGrants, cascadeLeases int
 	// One transaction: the revocation, the end of every active lease and
 	// their audit records are durable together before the call returns.
+	var rv *revocation
 	err = s.store.Update(ctx, func(tx store.Tx) error {
-		ag, err := tx.GetAgent(id.String())
-		if errors.Is(err, store.ErrNotFound) {
-			ag, err = &store.Agent{ID: id.String()}, nil
-		}
-		if err != nil {
-			return err
-		}
-		ag.Revoked, ag.RevokedAt, ag.RevokedReason, ag.RevokedBy = true, now, req.GetReason(), callerFrom(ctx).String()
-		if err := tx.PutAgent(ag); err != nil {
-			return err
-		}
-		agent = ag
-		if ended, err = endActive(ctx, tx, store.LeaseFilter{AgentID: ag.ID}, "agent revoked: "+req.GetReason(), now); err != nil {
-			return err
-		}
-		// Whatever the agent delegated goes with it, all the way down.
-		delegated, err := delegatedBy(tx, ag.ID)
-		if err != nil {
-			return err
-		}
-		if cascadeGrants, cascadeLeases, err = deleteGrantTree(ctx, tx, delegated, "delegator "+ag.ID+" revoked", now); err != nil {
-			return err
-		}
-		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventAgentRevoke, AgentID: ag.ID,
-			Reason: fmt.Sprintf("%s (%d leases revoked; %d delegated grants deleted with %d leases)", req.GetReason(), len(ended),
-				cascadeGrants, cascadeLeases)})
+		var err error
+		rv, err = revokeAgentTx(ctx, tx, id.String(), req.GetReason(), callerFrom(ctx).String(), now)
+		return err
 	})
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
-	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(agent), LeasesRevoked: int32(len(ended)),
-		DelegatedGrantsDeleted: int32(cascadeGrants), DelegatedLeasesRevoked: int32(cascadeLeases)}, nil
+	ended = rv.ended
+	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(rv.agent), LeasesRevoked: int32(len(rv.ended)),
+		DelegatedGrantsDeleted: int32(rv.grants), DelegatedLeasesRevoked: int32(rv.delegatedLeases)}, nil
+}
+
+// revocation is what revoking an agent ended.
+type revocation struct {
+	agent                   *store.Agent
+	ended                   []*store.Lease
+	grants, delegatedLeases int
+}
+
+// revokeAgentTx marks the agent revoked, ends its active leases, deletes
+// everything it delegated (all the way down) and records it, in tx.
+func revokeAgentTx(ctx context.Context, tx store.Tx, id, reason, by string, now time.Time) (*revocation, error) {
+	ag, err := tx.GetAgent(id)
+	if errors.Is(err, store.ErrNotFound) {
+		ag, err = &store.Agent{ID: id}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	ag.Revoked, ag.RevokedAt, ag.RevokedReason, ag.RevokedBy = true, now, reason, by
+	if err := tx.PutAgent(ag); err != nil {
+		return nil, err
+	}
+	rv := &revocation{agent: ag}
+	if rv.ended, err = endActive(ctx, tx, store.LeaseFilter{AgentID: ag.ID}, "agent revoked: "+reason, now); err != nil {
+		return nil, err
+	}
+	// Whatever the agent delegated goes with it, all the way down.
+	delegated, err := delegatedBy(tx, ag.ID)
+	if err != nil {
+		return nil, err
+	}
+	if rv.grants, rv.delegatedLeases, err = deleteGrantTree(ctx, tx, delegated, "delegator "+ag.ID+" revoked", now); err != nil {
+		return nil, err
+	}
+	err = appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventAgentRevoke, AgentID: ag.ID, Actor: by,
+		Reason: fmt.Sprintf("%s (%d leases revoked; %d delegated grants deleted with %d leases)", reason, len(rv.ended),
+			rv.grants, rv.delegatedLeases)})
+	return rv, err
 }
 
 func (a *adminService) ReinstateAgent(ctx context.Context, req *leaseholdv1.ReinstateAgentRequest) (*leaseholdv1.ReinstateAgentResponse, error) {

@@ -72,6 +72,7 @@ func grantToProto(g *store.Grant) *leaseholdv1.Grant {
 		Description: g.Description, CreatedAt: ts(g.CreatedAt), CreatedBy: g.CreatedBy,
 		MaxDelegationDepth: int32(g.Delegable), TaskId: g.TaskID, ParentGrantId: g.ParentGrantID,
 		DelegatedBy: g.DelegatedBy, DelegationChain: g.Chain,
+		ExpectedCredentials: g.ExpectedCredentials, SuspendOnAnomaly: g.SuspendOnAnomaly,
 	}
 	if !g.ExpiresAt.IsZero() {
 		out.ExpiresAt = ts(g.ExpiresAt)

@@ -55,6 +55,7 @@ type policy struct {
 	grant    *store.Grant   // the grant that allows it, when denial is nil
 	matching []*store.Grant // every grant on the credential whose subject covers the caller
 	denial   error          // why not: PermissionDenied or NotFound
+	anomaly  *anomaly       // set when denial is the anomaly guard's
 }
 
 // evaluate decides an acquire: the agent is not revoked, the credential
@@ -221,8 +222,23 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	pctx, pspan := s.startSpan(ctx, "policy.evaluate")
 	err = s.store.View(pctx, func(tx store.ReadTx) error {
 		var err error
-		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl, req.GetTask().GetId(), now); err != nil || p.denial != nil {
+		if p, err = s.evaluate(tx, caller, req.GetCredential(), req.GetScopes(), ttl, req.GetTask().GetId(), now); err != nil {
 			return err
+		}
+		// Outside the task's expected credentials is an anomaly, whether
+		// or not a grant would allow it. (p.cred is nil for a revoked agent
+		// or an unknown credential: those are refused as such.)
+		if p.cred != nil {
+			if p.anomaly, err = taskAnomaly(tx, agent, req.GetTask().GetId(), req.GetCredential()); err != nil {
+				return err
+			}
+			if p.anomaly != nil {
+				p.denial = p.anomaly.denial(req.GetTask().GetId(), req.GetCredential())
+				return nil
+			}
+		}
+		if p.denial != nil {
+			return nil
 		}
 		if twin, err = liveTwin(tx, agent, req.GetTask().GetId(), req.GetCredential(), req.GetScopes(), p.cred.CurrentVersion, now); err != nil || twin != nil {
 			return err
@@ -248,6 +264,9 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	if p.denial != nil {
 		if codeOf(p.denial) == codes.NotFound {
 			return nil, p.denial // bad input: answered, not recorded
+		}
+		if p.anomaly != nil {
+			return nil, s.denyAnomaly(ctx, rec, p.anomaly, p.denial)
 		}
 		return nil, s.deny(ctx, rec, p.denial)
 	}

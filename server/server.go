@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,6 +55,9 @@ type Config struct {
 	// MaxDelegationDepth is the most a grant's max_delegation_depth may be.
 	// Default 3.
 	MaxDelegationDepth int
+	// AnomalyWebhookURL, when set, receives a JSON POST (AnomalyEvent) for
+	// each acquire the anomaly guard refuses. https, or http to loopback.
+	AnomalyWebhookURL string
 	// ReaperInterval is how often expired leases are ended. Default 1s.
 	ReaperInterval time.Duration
 	// HealthInterval is how often store readiness is checked. Default 5s.
@@ -140,6 +144,11 @@ func (c Config) Validate() error {
 	if c.Admins.Len() == 0 {
 		errs = append(errs, errors.New("at least one admin SPIFFE ID is required"))
 	}
+	if c.AnomalyWebhookURL != "" {
+		if err := checkWebhookURL(c.AnomalyWebhookURL); err != nil {
+			errs = append(errs, fmt.Errorf("anomaly webhook: %w", err))
+		}
+	}
 	if c.DefaultTTL < 0 || c.MaxTTL < 0 || c.MaxLifetime < 0 || c.ReaperInterval < 0 || c.HealthInterval < 0 || c.AuditDeadline < 0 ||
 		c.RetentionMaxAge < 0 || c.RetentionInterval < 0 {
 		errs = append(errs, errors.New("durations must not be negative"))
@@ -188,10 +197,12 @@ type Server struct {
 	tracer   trace.Tracer
 	metrics  *metrics
 	limits   *limiters
-	same     keyedMutex // identical acquires, one at a time
-	sinks    []AuditSink
-	grpc     *grpc.Server
-	health   *health.Server
+	// webhookClient posts anomaly notifications.
+	webhookClient *http.Client
+	same          keyedMutex // identical acquires, one at a time
+	sinks         []AuditSink
+	grpc          *grpc.Server
+	health        *health.Server
 
 	// auditCommitted wakes WatchAudit streams after each committed write.
 	auditCommitted *notifier
@@ -237,10 +248,11 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	s := &Server{
 		cfg: cfg, store: guard, guard: guard, auditCommitted: committed, backends: deps.Backends, keyring: deps.Keyring,
 		log: deps.Logger, now: deps.Now, stop: make(chan struct{}),
-		health: health.NewServer(),
-		tracer: deps.TracerProvider.Tracer(instrumentationName),
-		sinks:  deps.AuditSinks,
-		limits: &limiters{every: rate.Limit(cfg.AcquireRate), burst: max(cfg.AcquireBurst, 1), m: map[string]*rate.Limiter{}},
+		health:        health.NewServer(),
+		tracer:        deps.TracerProvider.Tracer(instrumentationName),
+		sinks:         deps.AuditSinks,
+		limits:        &limiters{every: rate.Limit(cfg.AcquireRate), burst: max(cfg.AcquireBurst, 1), m: map[string]*rate.Limiter{}},
+		webhookClient: &http.Client{Timeout: 5 * time.Second},
 	}
 	var err error
 	if s.metrics, err = newMetrics(deps.MeterProvider, deps.Store); err != nil {

@@ -199,6 +199,10 @@ type Grant struct {
 	ParentGrantID string   `json:"parent_grant_id,omitempty"`
 	DelegatedBy   string   `json:"delegated_by,omitempty"`
 	Chain         []string `json:"chain,omitempty"`
+	// ExpectedCredentials and SuspendOnAnomaly: the anomaly guard (see the
+	// Grant message in proto/leasehold/v1/types.proto).
+	ExpectedCredentials []string `json:"expected_credentials,omitempty"`
+	SuspendOnAnomaly    bool     `json:"suspend_on_anomaly,omitempty"`
 }
 
 // Agent is what the broker knows of one SPIFFE ID.

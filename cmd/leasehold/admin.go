@@ -48,6 +48,8 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	maxLifetime := fs.Duration("max-lifetime", 0, "grant: longest total lease life")
 	delegation := fs.Int("max-delegation-depth", 0, "grant: levels of delegation allowed below it (0: none)")
 	expires := fs.Duration("expires-in", 0, "grant: it allows nothing after this long")
+	expected := fs.String("expected-credentials", "", "grant: comma-separated credentials a task under it may also use (anomaly guard)")
+	suspend := fs.Bool("suspend-on-anomaly", false, "grant: an acquire outside --expected-credentials suspends the agent")
 	reason := fs.String("reason", "", "reason, recorded in the audit trail")
 	revoked := fs.Bool("revoked", false, "only revoked agents")
 	agent := fs.String("agent", "", "agent SPIFFE ID")
@@ -136,7 +138,8 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		return emit(stdout, r, err)
 	case "grant create":
 		g := &leaseholdv1.Grant{Credential: *credential, Scopes: splitList(*scopes), MaxTtl: dur(*maxTTL),
-			MaxLifetime: dur(*maxLifetime), Description: *description, MaxDelegationDepth: int32(*delegation), TaskId: *task}
+			MaxLifetime: dur(*maxLifetime), Description: *description, MaxDelegationDepth: int32(*delegation), TaskId: *task,
+			ExpectedCredentials: splitList(*expected), SuspendOnAnomaly: *suspend}
 		if *expires != 0 {
 			g.ExpiresAt = timestamppb.New(time.Now().Add(*expires))
 		}

@@ -31,6 +31,15 @@ type Config struct {
 	Audit   AuditConfig   `yaml:"audit"`
 	Metrics MetricsConfig `yaml:"metrics"`
 	Log     LogConfig     `yaml:"log"`
+	Anomaly AnomalyConfig `yaml:"anomaly"`
+}
+
+// AnomalyConfig: where the anomaly guard reports (see grants'
+// expected_credentials).
+type AnomalyConfig struct {
+	// WebhookURL receives a JSON POST per refused anomalous acquire; https,
+	// or http to loopback. Empty: audit trail and log only.
+	WebhookURL string `yaml:"webhook_url"`
 }
 
 // MetricsConfig turns on the Prometheus endpoint.
@@ -233,6 +242,7 @@ var settings = []setting{
 	{"reaper-interval", "LEASEHOLD_REAPER_INTERVAL", "how often expired leases are ended", dur(func(c *Config) *time.Duration { return &c.Leases.ReaperInterval })},
 	{"audit-deadline", "LEASEHOLD_AUDIT_DEADLINE", "longest wait for a durable audit write", dur(func(c *Config) *time.Duration { return &c.Audit.Deadline })},
 	{"audit-max-age", "LEASEHOLD_AUDIT_MAX_AGE", "remove audit records older than this", dur(func(c *Config) *time.Duration { return &c.Audit.Retention.MaxAge })},
+	{"anomaly-webhook-url", "LEASEHOLD_ANOMALY_WEBHOOK_URL", "URL the anomaly guard POSTs to (off when empty)", str(func(c *Config) *string { return &c.Anomaly.WebhookURL })},
 	{"metrics-listen", "LEASEHOLD_METRICS_LISTEN", "host:port for Prometheus /metrics (off when empty)", str(func(c *Config) *string { return &c.Metrics.Listen })},
 	{"log-level", "LEASEHOLD_LOG_LEVEL", "debug, info, warn or error", str(func(c *Config) *string { return &c.Log.Level })},
 	{"log-format", "LEASEHOLD_LOG_FORMAT", "json or text", str(func(c *Config) *string { return &c.Log.Format })},

@@ -39,6 +39,7 @@ Admin:
   credential get NAME | credential list | credential delete NAME | credential rotate NAME
   grant create --credential C (--spiffe-id ID | --spiffe-id-prefix ID) --scopes a,b [--max-ttl D] [--max-lifetime D]
                [--max-delegation-depth N] [--task ID] [--expires-in D]
+               [--expected-credentials C1,C2 [--suspend-on-anomaly]]
   grant list [--credential C] | grant delete GRANT_ID
   agent revoke SPIFFE_ID --reason R | agent reinstate SPIFFE_ID | agent list [--revoked]
   lease list [--agent ID] [--task T] [--active] | lease revoke LEASE_ID [--reason R]

@@ -116,8 +116,8 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		ReaperInterval: cfg.Leases.ReaperInterval, AuditDeadline: cfg.Audit.Deadline,
 		RetentionMaxAge: cfg.Audit.Retention.MaxAge, RetentionMaxRecords: cfg.Audit.Retention.MaxRecords,
 		MaxActiveLeasesPerAgent: cfg.Leases.MaxActivePerAgent, MaxLeasesPerTask: cfg.Leases.MaxPerTask,
-		MaxDelegationDepth: cfg.Leases.MaxDelegationDepth,
-		AcquireRate:        cfg.Leases.AcquireRate, AcquireBurst: cfg.Leases.AcquireBurst,
+		MaxDelegationDepth: cfg.Leases.MaxDelegationDepth, AnomalyWebhookURL: cfg.Anomaly.WebhookURL,
+		AcquireRate: cfg.Leases.AcquireRate, AcquireBurst: cfg.Leases.AcquireBurst,
 	}, server.Deps{
 		Store: st, Backends: reg, Keyring: keyring,
 		Credentials: identity.ServerCredentials(src, td), Logger: log,

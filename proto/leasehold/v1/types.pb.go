@@ -730,8 +730,18 @@ type Grant struct {
 	ParentGrantId   string   `protobuf:"bytes,14,opt,name=parent_grant_id,json=parentGrantId,proto3" json:"parent_grant_id,omitempty"`
 	DelegatedBy     string   `protobuf:"bytes,15,opt,name=delegated_by,json=delegatedBy,proto3" json:"delegated_by,omitempty"`
 	DelegationChain []string `protobuf:"bytes,16,rep,name=delegation_chain,json=delegationChain,proto3" json:"delegation_chain,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Anomaly guard. When set, a task in which the holder has a lease under
+	// this grant is expected to use only these credentials (this grant's own
+	// is always allowed): the holder's acquire of any other credential for
+	// that task is denied as an anomaly, audited, and reported to the
+	// broker's anomaly webhook.
+	ExpectedCredentials []string `protobuf:"bytes,17,rep,name=expected_credentials,json=expectedCredentials,proto3" json:"expected_credentials,omitempty"`
+	// With expected_credentials: an anomaly also suspends the agent, as
+	// RevokeAgent does (its leases end, its delegations are deleted), until
+	// an admin reinstates it.
+	SuspendOnAnomaly bool `protobuf:"varint,18,opt,name=suspend_on_anomaly,json=suspendOnAnomaly,proto3" json:"suspend_on_anomaly,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Grant) Reset() {
@@ -885,6 +895,20 @@ func (x *Grant) GetDelegationChain() []string {
 		return x.DelegationChain
 	}
 	return nil
+}
+
+func (x *Grant) GetExpectedCredentials() []string {
+	if x != nil {
+		return x.ExpectedCredentials
+	}
+	return nil
+}
+
+func (x *Grant) GetSuspendOnAnomaly() bool {
+	if x != nil {
+		return x.SuspendOnAnomaly
+	}
+	return false
 }
 
 type isGrant_Subject interface {
@@ -1333,7 +1357,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x1a9\n" +
 	"\vConfigEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8f\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf0\x05\n" +
 	"\x05Grant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
 	"\tspiffe_id\x18\x02 \x01(\tH\x00R\bspiffeId\x12*\n" +
@@ -1356,7 +1380,9 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"expires_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12&\n" +
 	"\x0fparent_grant_id\x18\x0e \x01(\tR\rparentGrantId\x12!\n" +
 	"\fdelegated_by\x18\x0f \x01(\tR\vdelegatedBy\x12)\n" +
-	"\x10delegation_chain\x18\x10 \x03(\tR\x0fdelegationChainB\t\n" +
+	"\x10delegation_chain\x18\x10 \x03(\tR\x0fdelegationChain\x121\n" +
+	"\x14expected_credentials\x18\x11 \x03(\tR\x13expectedCredentials\x12,\n" +
+	"\x12suspend_on_anomaly\x18\x12 \x01(\bR\x10suspendOnAnomalyB\t\n" +
 	"\asubject\"\xb3\x02\n" +
 	"\x05Agent\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x18\n" +
