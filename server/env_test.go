@@ -120,9 +120,10 @@ type env struct {
 
 func newEnv(t testing.TB, opts ...func(*server.Config)) *env {
 	t.Helper()
-	ca, err := identity.NewDevCA(td)
-	require.NoError(t, err)
 	dir := t.TempDir()
+	// On disk (dir/ca) so tests can craft malformed certificates with it.
+	ca, err := identity.LoadOrCreateDevCA(filepath.Join(dir, "ca"), td)
+	require.NoError(t, err)
 	require.NoError(t, seal.CreateFile(filepath.Join(dir, "kek")))
 	keyr, err := seal.LoadFile(filepath.Join(dir, "kek"))
 	require.NoError(t, err)

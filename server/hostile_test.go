@@ -7,7 +7,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"math/big"
+	"net/url"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -61,6 +65,15 @@ func TestHostileClientsAreRefused(t *testing.T) {
 			InsecureSkipVerify: true, // the test is about the server side
 			Certificates:       []tls.Certificate{selfSignedNoURI(t)},
 		}),
+		// Signed by the broker's own CA, so only the SVID rules refuse them.
+		"CA certificate as leaf": rawClient(signedByEnvCA(t, e, func(c *x509.Certificate) {
+			c.IsCA, c.BasicConstraintsValid = true, true
+			c.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature
+		})),
+		"two URI SANs": rawClient(signedByEnvCA(t, e, func(c *x509.Certificate) {
+			second, _ := url.Parse(agent2ID)
+			c.URIs = append(c.URIs, second)
+		})),
 	}
 	// Control: the same construction with a good SVID gets through.
 	good, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(mtls(e.svid(agent1ID, identity.SVIDOptions{}))))
@@ -68,6 +81,12 @@ func TestHostileClientsAreRefused(t *testing.T) {
 	defer good.Close()
 	_, err = leaseholdv1.NewBrokerServiceClient(good).WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{})
 	require.NoError(t, err)
+	// Control for the crafted ones: the same crafting, unaltered, gets through.
+	crafted, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(rawClient(signedByEnvCA(t, e, func(*x509.Certificate) {}))))
+	require.NoError(t, err)
+	defer crafted.Close()
+	_, err = leaseholdv1.NewBrokerServiceClient(crafted).WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{})
+	require.NoError(t, err, "an unaltered crafted SVID is accepted")
 
 	before := e.snapshot()
 	for name, creds := range cases {
@@ -82,6 +101,38 @@ func TestHostileClientsAreRefused(t *testing.T) {
 		})
 	}
 	require.Equal(t, before, e.snapshot(), "no hostile call reached the store")
+}
+
+func rawClient(cert tls.Certificate) credentials.TransportCredentials {
+	return credentials.NewTLS(&tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}}) // server side under test
+}
+
+// signedByEnvCA makes an agent-1 client certificate signed by the test
+// broker's real CA, altered by mutate.
+func signedByEnvCA(t *testing.T, e *env, mutate func(*x509.Certificate)) tls.Certificate {
+	t.Helper()
+	certPEM, err := os.ReadFile(filepath.Join(e.dir, "ca", "ca.pem"))
+	require.NoError(t, err)
+	keyPEM, err := os.ReadFile(filepath.Join(e.dir, "ca", "ca-key.pem"))
+	require.NoError(t, err)
+	cb, _ := pem.Decode(certPEM)
+	kb, _ := pem.Decode(keyPEM)
+	caCert, err := x509.ParseCertificate(cb.Bytes)
+	require.NoError(t, err)
+	caKey, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
+	require.NoError(t, err)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	id, _ := url.Parse(agent1ID)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), URIs: []*url.URL{id},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	mutate(tmpl)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, key.Public(), caKey)
+	require.NoError(t, err)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
 
 func selfSignedNoURI(t *testing.T) tls.Certificate {

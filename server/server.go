@@ -55,6 +55,11 @@ type Config struct {
 	// MaxDelegationDepth is the most a grant's max_delegation_depth may be.
 	// Default 3.
 	MaxDelegationDepth int
+	// HandshakeTimeout bounds how long a new connection may take to finish
+	// its TLS handshake before it is closed. Default 10s.
+	HandshakeTimeout time.Duration
+	// MaxConcurrentStreams caps concurrent RPCs per connection. Default 1000.
+	MaxConcurrentStreams uint32
 	// AnomalyWebhookURL, when set, receives a JSON POST (AnomalyEvent) for
 	// each acquire the anomaly guard refuses. https, or http to loopback.
 	AnomalyWebhookURL string
@@ -129,6 +134,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxDelegationDepth == 0 {
 		c.MaxDelegationDepth = 3
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
+	if c.MaxConcurrentStreams == 0 {
+		c.MaxConcurrentStreams = 1000
 	}
 	if c.AcquireRate == 0 {
 		c.AcquireRate, c.AcquireBurst = 20, 40
@@ -268,7 +279,12 @@ func New(cfg Config, deps Deps) (*Server, error) {
 			otelgrpc.WithFilter(filters.None(filters.ServiceName("grpc.health.v1.Health"), filters.ServicePrefix("grpc.reflection."))))),
 		grpc.ChainUnaryInterceptor(s.unaryInterceptor),
 		grpc.ChainStreamInterceptor(s.streamInterceptor),
+		// Bounded per connection and per message; a peer that connects and
+		// never finishes its handshake is dropped after HandshakeTimeout.
 		grpc.MaxRecvMsgSize(4<<20),
+		grpc.MaxHeaderListSize(64<<10),
+		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
+		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionIdle: 15 * time.Minute,
 			// Clients reconnect now and then, so a revoked or re-keyed peer
