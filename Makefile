@@ -96,9 +96,11 @@ soak: ## 50 SIGKILL crash cycles under load against the broker binary (docs/reli
 	LEASEHOLD_CRASH_CYCLES=50 go test -count=1 -run TestCrashCycles -v ./cmd/leasehold/ | grep -E 'cycle|PASS|FAIL|ok'
 
 FUZZTIME ?= 30s
-fuzz: ## run every fuzz target for FUZZTIME each
-	@for f in $$(go test -list '^Fuzz' ./server/ | grep ^Fuzz); do \
-		echo "== $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./server/; done
+FUZZ_PKGS := ./server/ ./store/bolt/ ./cmd/leasehold/
+
+fuzz: ## run every fuzz target for FUZZTIME each (seeds run in every `make test`)
+	@for p in $(FUZZ_PKGS); do for f in $$(go test -list '^Fuzz' $$p | grep ^Fuzz); do \
+		echo "== $$p $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$p || exit 1; done; done
 
 demo: build ## dev broker, an agent acquiring/using/releasing a lease, the audit trail
 	LEASEHOLD=$(BIN)/leasehold scripts/demo.sh

@@ -108,3 +108,24 @@ func FuzzGrantMatches(f *testing.F) {
 		require.Equal(t, p == i, grantMatches(exact, i))
 	})
 }
+
+// SPIFFE IDs from requests: refused with the field named, or accepted only
+// in the broker's trust domain, in canonical form.
+func FuzzValidSpiffeID(f *testing.F) {
+	for _, s := range []string{"spiffe://leasehold.test/agents/a", "spiffe://other.test/a", "spiffe://leasehold.test",
+		"spiffe://LEASEHOLD.test/a", "spiffe://leasehold.test/a/../b", "spiffe://leasehold.test/a?x=1", "http://leasehold.test/a",
+		"spiffe://leasehold.test/a%2fb", "spiffe://leasehold.test//a", "", "spiffe://user@leasehold.test/a"} {
+		f.Add(s)
+	}
+	td := spiffeid.RequireTrustDomainFromString("leasehold.test")
+	f.Fuzz(func(t *testing.T, s string) {
+		id, err := validSpiffeID("spiffe_id", s, td)
+		if err != nil {
+			require.Equal(t, codes.InvalidArgument, codeOf(err))
+			require.True(t, strings.HasPrefix(err.Error(), "spiffe_id: "), err.Error())
+			return
+		}
+		require.Equal(t, td, id.TrustDomain())
+		require.Equal(t, s, id.String(), "only canonical IDs are accepted")
+	})
+}
