@@ -30,6 +30,9 @@ func Run(t *testing.T, newStore Factory) {
 		"AuditTimeIsMonotonic":        testAuditMonotonic,
 		"AuditChain":                  testAuditChain,
 		"AuditQueryMatchesBruteForce": testAuditQueryProperty,
+		"AuditPrune":                  testAuditPrune,
+		"Cursors":                     testCursors,
+		"Revocations":                 testRevocations,
 		"UpdateRollsBack":             testRollback,
 		"Closed":                      testClosed,
 	}
