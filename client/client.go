@@ -125,7 +125,8 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		close(c.synced)
 	} else {
 		c.wg.Add(1)
-		go c.watch()
+		go c.watch() //nolint:gosec // the watch outlives New's context; it ends with Close
+
 	}
 	return c, nil
 }

@@ -151,7 +151,10 @@ func TestTransportInjectsForMappedHostsOnly(t *testing.T) {
 			tc.check(got[0])
 			require.Empty(t, req.Header, "the caller's request is not modified")
 
-			_, err = hc.Get("http://unmapped.example/")
+			resp, err = hc.Get("http://unmapped.example/")
+			if err == nil {
+				resp.Body.Close()
+			}
 			require.ErrorIs(t, err, client.ErrUnmappedHost)
 			require.Len(t, got, 1, "nothing was sent for an unmapped host")
 		})

@@ -202,10 +202,10 @@ func TestDelegatorCannotTouchTheSubAgentsLeases(t *testing.T) {
 // deleting its grant, revoking its task, or revoking the delegation.
 func TestCascadeRevocation(t *testing.T) {
 	type tree struct {
-		d              *delegationEnv
-		root, l2, l3   *leaseholdv1.Lease
-		g1, g2         *leaseholdv1.Grant
-		before, leaves int
+		d            *delegationEnv
+		root, l2, l3 *leaseholdv1.Lease
+		g1, g2       *leaseholdv1.Grant
+		before       int
 	}
 	build := func(t *testing.T) *tree {
 		d := newDelegationEnv(t)

@@ -43,7 +43,7 @@ func (e *env) collect() map[string]int64 {
 func labels(set attribute.Set) string {
 	var parts []string
 	for _, kv := range set.ToSlice() {
-		parts = append(parts, string(kv.Key)+"="+kv.Value.Emit())
+		parts = append(parts, string(kv.Key)+"="+kv.Value.String())
 	}
 	return "[" + strings.Join(parts, " ") + "]"
 }

@@ -13,14 +13,13 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"time"
 
 	"github.com/leasehold/leasehold/backends"
 )
 
 // jwtBearer is the client_assertion_type of private_key_jwt (RFC 7523).
-const jwtBearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+const jwtBearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" //nolint:gosec // a URN, not a credential
 
 // signer makes private_key_jwt client assertions with an ES256 (P-256) or
 // RS256 key.
@@ -110,6 +109,10 @@ func (s *signer) assertion(clientID, audience string) (string, error) {
 // registering a private_key_jwt client with an authorization server.
 func PublicJWK(pub *ecdsa.PublicKey, kid string) map[string]string {
 	enc := base64.RawURLEncoding
-	pad := func(n *big.Int) string { b := make([]byte, 32); n.FillBytes(b); return enc.EncodeToString(b) }
-	return map[string]string{"kty": "EC", "crv": "P-256", "x": pad(pub.X), "y": pad(pub.Y), "kid": kid, "use": "sig", "alg": "ES256"}
+	point, err := pub.Bytes() // 0x04 || X || Y, 32 bytes each for P-256
+	if err != nil || len(point) != 65 {
+		return nil
+	}
+	return map[string]string{"kty": "EC", "crv": "P-256", "x": enc.EncodeToString(point[1:33]), "y": enc.EncodeToString(point[33:]),
+		"kid": kid, "use": "sig", "alg": "ES256"}
 }

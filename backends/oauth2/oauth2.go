@@ -350,7 +350,7 @@ func (b *Backend) redeem(ctx context.Context, req backends.IssueRequest, c *conf
 				// Keep the chain in memory so this process still uses the
 				// newest token; the error fails this lease.
 				ch.replaced[sha256.Sum256(rt)], ch.latest = true, []byte(tok.RefreshToken)
-				return nil, fmt.Errorf("%w: storing the rotated refresh token: %v", backends.ErrUpstreamUnavailable, err)
+				return nil, fmt.Errorf("%w: storing the rotated refresh token: %w", backends.ErrUpstreamUnavailable, err)
 			}
 		}
 		ch.replaced[sha256.Sum256(rt)], ch.latest = true, []byte(tok.RefreshToken)
@@ -419,7 +419,7 @@ func (b *Backend) Revoke(ctx context.Context, ref backends.LeaseRef) error {
 	}
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.revocationURL, strings.NewReader(form.Encode()))
 	if err != nil {
-		return fmt.Errorf("%w: revocation_url: %v", backends.ErrInvalidConfig, err)
+		return fmt.Errorf("%w: revocation_url: %w", backends.ErrInvalidConfig, err)
 	}
 	hreq.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	if c.authStyle == oauth2.AuthStyleInHeader {

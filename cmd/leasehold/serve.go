@@ -106,7 +106,11 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 	if err != nil {
 		return err
 	}
-	defer st.Close()
+	defer func() {
+		if err := st.Close(); err != nil {
+			log.Error("closing the store", "error", err.Error())
+		}
+	}()
 
 	reg, closeBackends := newBackends()
 	defer closeBackends()

@@ -55,7 +55,11 @@ func main() {
 			log.Fatal(err)
 		}
 		sdk := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp))
-		defer sdk.Shutdown(ctx)
+		defer func() {
+			if err := sdk.Shutdown(ctx); err != nil {
+				log.Printf("flushing traces: %v", err)
+			}
+		}()
 		tp = sdk
 	}
 	connect := func(name string) *client.Client {

@@ -275,8 +275,8 @@ func step(c *bbolt.Cursor, ascending bool) ([]byte, []byte) {
 // seekBefore positions c on the last key strictly below key (and, when
 // prefix is set, still under prefix).
 func seekBefore(c *bbolt.Cursor, key, prefix []byte) ([]byte, []byte) {
-	k, v := c.Seek(key)
-	if k == nil {
+	var k, v []byte
+	if k, _ = c.Seek(key); k == nil {
 		k, v = c.Last()
 	} else {
 		k, v = c.Prev()

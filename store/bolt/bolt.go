@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,11 +60,10 @@ var (
 	// order; some room is left for records that grow when updated.
 	appendFill = 0.9
 
-	keySchema        = []byte("schema_version")
-	keyLastAuditTime = []byte("last_audit_time")
-	keyAuditHead     = []byte("audit_head")
-	keyAuditFloor    = []byte("audit_floor")
-	keyActiveLeases  = []byte("active_leases")
+	keySchema       = []byte("schema_version")
+	keyAuditHead    = []byte("audit_head")
+	keyAuditFloor   = []byte("audit_floor")
+	keyActiveLeases = []byte("active_leases")
 )
 
 // Config configures the engine.
@@ -485,7 +485,7 @@ func (t *boltTx) PutLease(l *store.Lease) error {
 		} else {
 			n--
 		}
-		if err := t.tx.Bucket(bMeta).Put(keyActiveLeases, u64(uint64(n))); err != nil {
+		if err := t.tx.Bucket(bMeta).Put(keyActiveLeases, u64(uint64(max(n, 0)))); err != nil {
 			return err
 		}
 	}
@@ -497,7 +497,7 @@ func (t *boltTx) ActiveLeaseCount() (int64, error) {
 	if v == nil {
 		return 0, nil
 	}
-	return int64(binary.BigEndian.Uint64(v)), nil
+	return int64(min(binary.BigEndian.Uint64(v), math.MaxInt64)), nil
 }
 
 func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*store.Lease, error) {
