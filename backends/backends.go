@@ -91,6 +91,14 @@ type Backend interface {
 	Revoke(ctx context.Context, ref LeaseRef) error
 }
 
+// Reissuer is implemented by backends whose upstream credential cannot be
+// extended (an OAuth2 access token): renewing a lease issues a new one for
+// the same scopes with Issue, which the agent receives, and the previous
+// one is destroyed with Revoke.
+type Reissuer interface {
+	ReissueOnRenew(spec Spec) bool
+}
+
 // Rotator is implemented by backends whose stored secret can be replaced
 // upstream, e.g. a database admin password. Leases issued before a rotation
 // keep working.

@@ -321,7 +321,9 @@ func (c *Client) Acquire(ctx context.Context, credential string, opts AcquireOpt
 }
 
 // Renew extends a lease by ttl from now (zero: its original length) and
-// returns the new expiry.
+// returns the new expiry. Where the backend cannot extend the upstream
+// credential (OAuth2 tokens), the broker issues a new one: the Lease handle
+// from Acquire then holds the new secret (Secret and Get return it).
 func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (_ time.Time, err error) {
 	ctx, end := c.span(ctx, "leasehold.client.Renew", attribute.String("leasehold.lease.id", leaseID))
 	defer func() { end(err) }()
@@ -333,7 +335,25 @@ func (c *Client) Renew(ctx context.Context, leaseID string, ttl time.Duration) (
 	if err != nil {
 		return time.Time{}, wrap(err)
 	}
-	return resp.GetLease().GetExpiresAt().AsTime(), nil
+	exp := resp.GetLease().GetExpiresAt().AsTime()
+	c.mu.Lock()
+	l := c.leases[leaseID]
+	c.mu.Unlock()
+	if l != nil {
+		l.mu.Lock()
+		l.expiresAt = exp
+		if len(resp.GetSecret()) > 0 && l.err == nil {
+			for _, v := range l.secret {
+				clear(v)
+			}
+			l.secret = make(map[string][]byte, len(resp.GetSecret()))
+			for k, v := range resp.GetSecret() {
+				l.secret[k] = []byte(v)
+			}
+		}
+		l.mu.Unlock()
+	}
+	return exp, nil
 }
 
 // Release ends a lease. Releasing an ended lease succeeds.

@@ -44,11 +44,19 @@ func (b *brokerService) RenewLease(ctx context.Context, req *leaseholdv1.RenewLe
 	if err != nil {
 		return nil, err
 	}
-	l, err := b.s.renew(ctx, callerFrom(ctx), req.GetLeaseId(), ttl)
+	l, secret, err := b.s.renew(ctx, callerFrom(ctx), req.GetLeaseId(), ttl)
 	if err != nil {
 		return nil, err
 	}
-	return &leaseholdv1.RenewLeaseResponse{Lease: leaseToProto(l)}, nil
+	out := &leaseholdv1.RenewLeaseResponse{Lease: leaseToProto(l)}
+	if secret != nil {
+		out.Secret = make(map[string]string, len(secret))
+		for k, v := range secret {
+			out.Secret[k] = string(v)
+			clear(v)
+		}
+	}
+	return out, nil
 }
 
 func (b *brokerService) ReleaseLease(ctx context.Context, req *leaseholdv1.ReleaseLeaseRequest) (*leaseholdv1.ReleaseLeaseResponse, error) {

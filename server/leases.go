@@ -485,7 +485,7 @@ func ownedLease(tx store.ReadTx, id string, caller spiffeid.ID) (*store.Lease, e
 	return l, nil
 }
 
-func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl time.Duration) (_ *store.Lease, err error) {
+func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl time.Duration) (_ *store.Lease, _ map[string][]byte, err error) {
 	now := s.now()
 	ctx, span := s.startSpan(ctx, "lease.renew", attrAgent.String(caller.String()), attrLease.String(id))
 	start := time.Now()
@@ -531,19 +531,26 @@ func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl t
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if denial != nil {
-		return nil, s.deny(ctx, rec, denial)
+		return nil, nil, s.deny(ctx, rec, denial)
 	}
 	expires := now.Add(ttl)
 	if expires.After(lease.MaxExpiresAt) {
 		expires = lease.MaxExpiresAt
 	}
+	// Dynamic leases: extend the upstream credential, or, where it cannot
+	// be extended, issue a new one (the old one is revoked below).
+	var re *reissue
 	if len(lease.Artifact) > 0 {
-		got, err := s.renewUpstream(ctx, lease, expires)
+		got, r, err := s.renewUpstream(ctx, lease, expires)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
+		}
+		if r != nil {
+			re = r
+			defer re.clear()
 		}
 		if got.Before(expires) {
 			expires = got
@@ -563,8 +570,11 @@ func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl t
 		if !l.Active(now) {
 			return errPrecondition("lease_id: lease %s is %s and cannot be renewed", id, effectiveState(l, now))
 		}
-		if expires.After(l.ExpiresAt) {
+		if expires.After(l.ExpiresAt) || re != nil {
 			l.ExpiresAt = expires
+		}
+		if re != nil {
+			l.ArtifactKey, l.Artifact, l.RevokeSpec, l.SealedSecret = re.sealed.ArtifactKey, re.sealed.Artifact, re.sealed.RevokeSpec, re.sealed.SealedSecret
 		}
 		if err := tx.PutLease(l); err != nil {
 			return err
@@ -573,12 +583,24 @@ func (s *Server) renew(ctx context.Context, caller spiffeid.ID, id string, ttl t
 		return appendAudit(ctx, tx, rec)
 	})
 	if err != nil {
-		if isDenied(err) {
-			return nil, s.deny(ctx, rec, err)
+		if re != nil {
+			s.revokeNow(ctx, lease, re.issued.Artifact, re.old.Spec) // the new one never left
 		}
-		return nil, s.writeFailed(ctx, err)
+		if isDenied(err) {
+			return nil, nil, s.deny(ctx, rec, err)
+		}
+		return nil, nil, s.writeFailed(ctx, err)
 	}
-	return out, nil
+	if re == nil {
+		return out, nil, nil
+	}
+	// The agent now holds the new credential; the old one goes.
+	s.revokeNow(ctx, lease, re.old.Artifact, re.old.Spec)
+	secret := make(map[string][]byte, len(re.issued.Secret))
+	for k, v := range re.issued.Secret {
+		secret[k] = slices.Clone(v)
+	}
+	return out, secret, nil
 }
 
 func (s *Server) release(ctx context.Context, caller spiffeid.ID, id string) (_ *store.Lease, err error) {
@@ -834,23 +856,58 @@ func (s *Server) revokeNow(ctx context.Context, l *store.Lease, artifact []byte,
 	}
 }
 
-func (s *Server) renewUpstream(ctx context.Context, l *store.Lease, expires time.Time) (time.Time, error) {
+func (s *Server) renewUpstream(ctx context.Context, l *store.Lease, expires time.Time) (time.Time, *reissue, error) {
 	b, err := s.backends.Lookup(l.Backend)
 	if err != nil {
-		return time.Time{}, errPrecondition("lease %s uses backend %q, which this broker does not have", l.ID, l.Backend)
+		return time.Time{}, nil, errPrecondition("lease %s uses backend %q, which this broker does not have", l.ID, l.Backend)
 	}
 	var ref backends.LeaseRef
 	if err := s.store.View(ctx, func(tx store.ReadTx) error {
 		ref, err = s.leaseRef(tx, l)
 		return err
 	}); err != nil {
-		return time.Time{}, err
+		return time.Time{}, nil, err
+	}
+	if r, ok := b.(backends.Reissuer); ok && r.ReissueOnRenew(ref.Spec) {
+		ctx, span := s.startSpan(ctx, "backend.issue", attribute.String("leasehold.backend", l.Backend))
+		issued, err := b.Issue(ctx, backends.IssueRequest{Spec: ref.Spec, LeaseID: l.ID, AgentID: l.AgentID, TaskID: l.TaskID,
+			Scopes: l.Scopes, ExpiresAt: expires})
+		endSpan(span, err)
+		if err != nil {
+			clearRef(ref)
+			return time.Time{}, nil, issueError(&store.Credential{Name: l.Credential, Backend: l.Backend}, err)
+		}
+		re := &reissue{old: ref, issued: issued, sealed: &store.Lease{ID: l.ID}}
+		if err := s.sealArtifact(re.sealed, issued.Artifact, ref.Spec, issued.Secret); err != nil {
+			s.revokeNow(ctx, l, issued.Artifact, ref.Spec)
+			re.clear()
+			return time.Time{}, nil, fmt.Errorf("seal artifact: %w", err)
+		}
+		got := expires
+		if !issued.ExpiresAt.IsZero() && issued.ExpiresAt.Before(got) {
+			got = issued.ExpiresAt
+		}
+		return got, re, nil
 	}
 	defer clearRef(ref)
 	ctx, span := s.startSpan(ctx, "backend.renew", attribute.String("leasehold.backend", l.Backend))
 	got, err := b.Renew(ctx, ref, expires)
 	endSpan(span, err)
-	return got, err
+	return got, nil, err
+}
+
+// reissue is a renewal that issued a new upstream credential: the old
+// lease's reference (to revoke it), what was issued, and its sealed form.
+type reissue struct {
+	old    backends.LeaseRef
+	issued *backends.Issued
+	sealed *store.Lease
+}
+
+func (r *reissue) clear() {
+	clearRef(r.old)
+	clearSecret(r.issued.Secret)
+	clear(r.issued.Artifact)
 }
 
 // reapOnce ends up to batch active leases that have expired and reports how

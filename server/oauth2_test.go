@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/leasehold/leasehold/backends/oauth2/hydratest"
+	"github.com/leasehold/leasehold/client"
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
 	"github.com/leasehold/leasehold/server"
 )
@@ -128,4 +129,57 @@ func TestOAuth2RefreshTokenRotationIsStored(t *testing.T) {
 		require.NotContains(t, e.logs.String(), secret)
 		require.NotContains(t, string(db), secret)
 	}
+}
+
+// Renewing an OAuth2 lease mints a fresh token (a token cannot be extended),
+// hands it to the agent, and revokes the previous one at the server.
+func TestOAuth2RenewIssuesAFreshToken(t *testing.T) {
+	h := hydratest.Start(t)
+	c := h.CreateClient(t, "client_secret_post", "mail.read")
+	e := newEnv(t, noQuotas)
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "mail/api", Backend: "oauth2",
+		Config: map[string]string{"token_url": h.TokenURL(), "revocation_url": h.RevocationURL(), "scopes": "mail.read",
+			"auth_method": "client_secret_post"},
+		Secret: map[string]string{"client_id": c.ID, "client_secret": c.Secret}})
+	require.NoError(t, err)
+	e.grant("mail/api", agent1ID, "mail.read")
+	l, err := e.agent1.AcquireLease(ctx, acquireReq("mail/api", "inbox", "mail.read"))
+	require.NoError(t, err)
+	first := l.GetSecret()["access_token"]
+
+	r, err := e.agent1.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: l.GetLease().GetId()})
+	require.NoError(t, err)
+	second := r.GetSecret()["access_token"]
+	require.NotEmpty(t, second, "the renewal carries the new token")
+	require.NotEqual(t, first, second)
+	require.True(t, h.Introspect(t, second).Active)
+	require.False(t, h.Introspect(t, first).Active, "the previous token is revoked")
+	require.Equal(t, "mail.read", r.GetSecret()["scope"])
+
+	// Through client/: the Lease handle holds the new token after a renewal.
+	cl, err := client.New(ctx, client.Config{Address: e.addr, Source: e.source(agent1ID)})
+	require.NoError(t, err)
+	defer cl.Close()
+	h1, err := cl.Acquire(ctx, "mail/api", client.AcquireOptions{Scopes: []string{"mail.read"}, TaskID: "inbox-client"})
+	require.NoError(t, err)
+	tok1, err := h1.Get("access_token")
+	require.NoError(t, err)
+	_, err = cl.Renew(ctx, h1.ID, 0)
+	require.NoError(t, err)
+	tok2, err := h1.Get("access_token")
+	require.NoError(t, err)
+	require.NotEqual(t, tok1, tok2)
+	require.True(t, h.Introspect(t, tok2).Active)
+	require.NoError(t, h1.Release(ctx))
+
+	// An identical acquire returns the lease with its current token.
+	again, err := e.agent1.AcquireLease(ctx, acquireReq("mail/api", "inbox", "mail.read"))
+	require.NoError(t, err)
+	require.Equal(t, l.GetLease().GetId(), again.GetLease().GetId())
+	require.Equal(t, second, again.GetSecret()["access_token"])
+
+	// Releasing revokes the current token.
+	_, err = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: l.GetLease().GetId()})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return !h.Introspect(t, second).Active }, 10*time.Second, 50*time.Millisecond)
 }

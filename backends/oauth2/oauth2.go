@@ -375,6 +375,15 @@ func decodeArtifact(a []byte) (token string, exp time.Time) {
 	return tok, time.Unix(n, 0)
 }
 
+// ReissueOnRenew implements backends.Reissuer: renewing an OAuth2 lease
+// mints a fresh access token (client_credentials) and revokes the old one.
+// Under the refresh_token grant the lease renews only up to its token's
+// expiry (Renew): redeeming the user's refresh token again for every renewal
+// would rotate it needlessly.
+func (b *Backend) ReissueOnRenew(spec backends.Spec) bool {
+	return spec.Config["grant"] != "refresh_token"
+}
+
 // Renew implements backends.Backend. An access token cannot be extended:
 // a lease renews up to its token's expiry and no further; an agent that
 // needs longer acquires again and gets a fresh token.

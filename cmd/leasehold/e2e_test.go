@@ -205,7 +205,7 @@ func TestExampleOrchestrator(t *testing.T) {
 		require.Contains(t, string(out), "agent-1 is refused "+refused, "no escalation")
 	}
 	require.NotContains(t, string(out), "unexpected")
-	require.Contains(t, string(out), `"delegatedGrantsDeleted": 2`, "one revocation of the orchestrator cuts the tree")
+	require.Regexp(t, `"delegatedGrantsDeleted":\s*2`, string(out), "one revocation of the orchestrator cuts the tree") // protojson varies spacing
 	require.Contains(t, string(out), "agent-1 afterwards: leasehold: PermissionDenied")
 	require.Regexp(t, `lease_release\s+allow\s+spiffe://leasehold.dev/agents/agent-2\s+\S+\s+db/warehouse\s+report-42/db\s+ls_\w+\s+spiffe://leasehold.dev/agents/orchestrator`,
 		string(out), "the trail says agent-2 acted for the orchestrator")

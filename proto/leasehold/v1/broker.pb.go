@@ -752,8 +752,12 @@ func (x *RenewLeaseRequest) GetTtl() *durationpb.Duration {
 }
 
 type RenewLeaseResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Lease         *Lease                 `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Lease *Lease                 `protobuf:"bytes,1,opt,name=lease,proto3" json:"lease,omitempty"`
+	// Set when the renewal issued new secret material, for backends whose
+	// upstream credential cannot be extended (an OAuth2 lease gets a fresh
+	// access token; the previous one is revoked): use it from now on.
+	Secret        map[string]string `protobuf:"bytes,2,rep,name=secret,proto3" json:"secret,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -791,6 +795,13 @@ func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
 func (x *RenewLeaseResponse) GetLease() *Lease {
 	if x != nil {
 		return x.Lease
+	}
+	return nil
+}
+
+func (x *RenewLeaseResponse) GetSecret() map[string]string {
+	if x != nil {
+		return x.Secret
 	}
 	return nil
 }
@@ -1036,9 +1047,13 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"[\n" +
 	"\x11RenewLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12+\n" +
-	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"?\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xc0\x01\n" +
 	"\x12RenewLeaseResponse\x12)\n" +
-	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\"0\n" +
+	"\x05lease\x18\x01 \x01(\v2\x13.leasehold.v1.LeaseR\x05lease\x12D\n" +
+	"\x06secret\x18\x02 \x03(\v2,.leasehold.v1.RenewLeaseResponse.SecretEntryR\x06secret\x1a9\n" +
+	"\vSecretEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"0\n" +
 	"\x13ReleaseLeaseRequest\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\"A\n" +
 	"\x14ReleaseLeaseResponse\x12)\n" +
@@ -1080,7 +1095,7 @@ func file_leasehold_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_leasehold_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_leasehold_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_leasehold_v1_broker_proto_goTypes = []any{
 	(LeaseEvent)(0),                  // 0: leasehold.v1.LeaseEvent
 	(*DelegateGrantRequest)(nil),     // 1: leasehold.v1.DelegateGrantRequest
@@ -1100,46 +1115,48 @@ var file_leasehold_v1_broker_proto_goTypes = []any{
 	(*WhoAmIRequest)(nil),            // 15: leasehold.v1.WhoAmIRequest
 	(*WhoAmIResponse)(nil),           // 16: leasehold.v1.WhoAmIResponse
 	nil,                              // 17: leasehold.v1.AcquireLeaseResponse.SecretEntry
-	(*durationpb.Duration)(nil),      // 18: google.protobuf.Duration
-	(*Grant)(nil),                    // 19: leasehold.v1.Grant
-	(*timestamppb.Timestamp)(nil),    // 20: google.protobuf.Timestamp
-	(*Task)(nil),                     // 21: leasehold.v1.Task
-	(*Lease)(nil),                    // 22: leasehold.v1.Lease
+	nil,                              // 18: leasehold.v1.RenewLeaseResponse.SecretEntry
+	(*durationpb.Duration)(nil),      // 19: google.protobuf.Duration
+	(*Grant)(nil),                    // 20: leasehold.v1.Grant
+	(*timestamppb.Timestamp)(nil),    // 21: google.protobuf.Timestamp
+	(*Task)(nil),                     // 22: leasehold.v1.Task
+	(*Lease)(nil),                    // 23: leasehold.v1.Lease
 }
 var file_leasehold_v1_broker_proto_depIdxs = []int32{
-	18, // 0: leasehold.v1.DelegateGrantRequest.ttl:type_name -> google.protobuf.Duration
-	18, // 1: leasehold.v1.DelegateGrantRequest.max_ttl:type_name -> google.protobuf.Duration
-	19, // 2: leasehold.v1.DelegateGrantResponse.grant:type_name -> leasehold.v1.Grant
+	19, // 0: leasehold.v1.DelegateGrantRequest.ttl:type_name -> google.protobuf.Duration
+	19, // 1: leasehold.v1.DelegateGrantRequest.max_ttl:type_name -> google.protobuf.Duration
+	20, // 2: leasehold.v1.DelegateGrantResponse.grant:type_name -> leasehold.v1.Grant
 	0,  // 3: leasehold.v1.WatchLeasesResponse.event:type_name -> leasehold.v1.LeaseEvent
-	20, // 4: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
-	18, // 5: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	21, // 6: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
-	22, // 7: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	21, // 4: leasehold.v1.WatchLeasesResponse.time:type_name -> google.protobuf.Timestamp
+	19, // 5: leasehold.v1.AcquireLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	22, // 6: leasehold.v1.AcquireLeaseRequest.task:type_name -> leasehold.v1.Task
+	23, // 7: leasehold.v1.AcquireLeaseResponse.lease:type_name -> leasehold.v1.Lease
 	17, // 8: leasehold.v1.AcquireLeaseResponse.secret:type_name -> leasehold.v1.AcquireLeaseResponse.SecretEntry
-	18, // 9: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
-	22, // 10: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	22, // 11: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	9,  // 12: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
-	11, // 13: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
-	13, // 14: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
-	15, // 15: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
-	7,  // 16: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
-	5,  // 17: leasehold.v1.BrokerService.EndTask:input_type -> leasehold.v1.EndTaskRequest
-	1,  // 18: leasehold.v1.BrokerService.DelegateGrant:input_type -> leasehold.v1.DelegateGrantRequest
-	3,  // 19: leasehold.v1.BrokerService.RevokeDelegation:input_type -> leasehold.v1.RevokeDelegationRequest
-	10, // 20: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
-	12, // 21: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
-	14, // 22: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
-	16, // 23: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
-	8,  // 24: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
-	6,  // 25: leasehold.v1.BrokerService.EndTask:output_type -> leasehold.v1.EndTaskResponse
-	2,  // 26: leasehold.v1.BrokerService.DelegateGrant:output_type -> leasehold.v1.DelegateGrantResponse
-	4,  // 27: leasehold.v1.BrokerService.RevokeDelegation:output_type -> leasehold.v1.RevokeDelegationResponse
-	20, // [20:28] is the sub-list for method output_type
-	12, // [12:20] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	19, // 9: leasehold.v1.RenewLeaseRequest.ttl:type_name -> google.protobuf.Duration
+	23, // 10: leasehold.v1.RenewLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	18, // 11: leasehold.v1.RenewLeaseResponse.secret:type_name -> leasehold.v1.RenewLeaseResponse.SecretEntry
+	23, // 12: leasehold.v1.ReleaseLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	9,  // 13: leasehold.v1.BrokerService.AcquireLease:input_type -> leasehold.v1.AcquireLeaseRequest
+	11, // 14: leasehold.v1.BrokerService.RenewLease:input_type -> leasehold.v1.RenewLeaseRequest
+	13, // 15: leasehold.v1.BrokerService.ReleaseLease:input_type -> leasehold.v1.ReleaseLeaseRequest
+	15, // 16: leasehold.v1.BrokerService.WhoAmI:input_type -> leasehold.v1.WhoAmIRequest
+	7,  // 17: leasehold.v1.BrokerService.WatchLeases:input_type -> leasehold.v1.WatchLeasesRequest
+	5,  // 18: leasehold.v1.BrokerService.EndTask:input_type -> leasehold.v1.EndTaskRequest
+	1,  // 19: leasehold.v1.BrokerService.DelegateGrant:input_type -> leasehold.v1.DelegateGrantRequest
+	3,  // 20: leasehold.v1.BrokerService.RevokeDelegation:input_type -> leasehold.v1.RevokeDelegationRequest
+	10, // 21: leasehold.v1.BrokerService.AcquireLease:output_type -> leasehold.v1.AcquireLeaseResponse
+	12, // 22: leasehold.v1.BrokerService.RenewLease:output_type -> leasehold.v1.RenewLeaseResponse
+	14, // 23: leasehold.v1.BrokerService.ReleaseLease:output_type -> leasehold.v1.ReleaseLeaseResponse
+	16, // 24: leasehold.v1.BrokerService.WhoAmI:output_type -> leasehold.v1.WhoAmIResponse
+	8,  // 25: leasehold.v1.BrokerService.WatchLeases:output_type -> leasehold.v1.WatchLeasesResponse
+	6,  // 26: leasehold.v1.BrokerService.EndTask:output_type -> leasehold.v1.EndTaskResponse
+	2,  // 27: leasehold.v1.BrokerService.DelegateGrant:output_type -> leasehold.v1.DelegateGrantResponse
+	4,  // 28: leasehold.v1.BrokerService.RevokeDelegation:output_type -> leasehold.v1.RevokeDelegationResponse
+	21, // [21:29] is the sub-list for method output_type
+	13, // [13:21] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_broker_proto_init() }
@@ -1154,7 +1171,7 @@ func file_leasehold_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_broker_proto_rawDesc), len(file_leasehold_v1_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
