@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -11,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -233,16 +230,7 @@ func startCrashable(t *testing.T, dir string) *crashable {
 	require.NoError(t, cmd.Start())
 	go func() { _ = cmd.Wait(); close(c.done) }()
 	t.Cleanup(func() { c.kill() })
-	require.Eventually(t, func() bool {
-		sc := bufio.NewScanner(strings.NewReader(c.stderr.String()))
-		for sc.Scan() {
-			var line struct{ Msg string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "leasehold serving" {
-				return true
-			}
-		}
-		return false
-	}, 20*time.Second, 10*time.Millisecond, "broker did not start:\n%s", c.stderr)
+	servingAddr(t, c.stderr, 20*time.Second)
 	return c
 }
 

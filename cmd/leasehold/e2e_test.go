@@ -100,6 +100,25 @@ func startBinary(t *testing.T, bin, dir string, env []string, args ...string) (*
 	return cmd, stdout, stderr
 }
 
+// servingAddr waits for `leasehold serve`'s JSON log line "leasehold
+// serving" and returns the address it names.
+func servingAddr(t *testing.T, stderr *lockedBuffer, within time.Duration) string {
+	t.Helper()
+	var addr string
+	require.Eventually(t, func() bool {
+		sc := bufio.NewScanner(strings.NewReader(stderr.String()))
+		for sc.Scan() {
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "leasehold serving" {
+				addr = line.Addr
+				return true
+			}
+		}
+		return false
+	}, within, 20*time.Millisecond, "serve did not start:\n%s", stderr)
+	return addr
+}
+
 var devReadyRE = regexp.MustCompile(`Leasehold dev broker on (\S+) `)
 
 // startDev runs `leasehold dev` in dir on a free port and returns host:port.
@@ -246,18 +265,7 @@ log:
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "leasehold.yaml"), []byte(conf), 0o600))
 
 	_, _, stderr := startProcess(t, dir, "serve", "--config", "leasehold.yaml", "--log-level", "debug")
-	var addr string
-	require.Eventually(t, func() bool {
-		sc := bufio.NewScanner(strings.NewReader(stderr.String()))
-		for sc.Scan() {
-			var line struct{ Msg, Addr string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "leasehold serving" {
-				addr = line.Addr
-				return true
-			}
-		}
-		return false
-	}, 20*time.Second, 20*time.Millisecond, "serve did not start:\n%s", stderr)
+	addr := servingAddr(t, stderr, 20*time.Second)
 
 	cli := func(as string, args ...string) (string, error) {
 		all := append([]string{"--addr", addr, "--dev-dir", dev, "--as", as}, args...)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -73,18 +72,7 @@ log:
 `, spiretest.TrustDomain, adminID, sp.WorkloadAddr(), filepath.Join(dir, "leasehold.db"), kek)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "leasehold.yaml"), []byte(conf), 0o600))
 	_, _, stderr := startBinary(t, bin("broker"), dir, nil, "serve", "--config", "leasehold.yaml")
-	var addr string
-	require.Eventually(t, func() bool {
-		sc := bufio.NewScanner(strings.NewReader(stderr.String()))
-		for sc.Scan() {
-			var line struct{ Msg, Addr string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "leasehold serving" {
-				addr = line.Addr
-				return true
-			}
-		}
-		return false
-	}, time.Minute, 50*time.Millisecond, "the broker did not get its SVID and serve:\n%s\n%s", stderr, sp.Logs())
+	addr := servingAddr(t, stderr, time.Minute) // the broker waits for its SVID first
 
 	env := []string{"SPIFFE_ENDPOINT_SOCKET=" + sp.WorkloadAddr()}
 	cli := func(as string, args ...string) (string, error) {

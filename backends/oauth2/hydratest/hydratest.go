@@ -167,24 +167,11 @@ const redirectURI = "http://127.0.0.1:9/callback"
 // authorization-code and refresh-token grants, offline_access plus scopes.
 func (h *Hydra) CreateUserClient(t testing.TB, scopes ...string) Client {
 	t.Helper()
-	body, _ := json.Marshal(map[string]any{
+	return h.createClient(t, map[string]any{
 		"grant_types": []string{"authorization_code", "refresh_token"}, "response_types": []string{"code"},
 		"scope": strings.Join(append([]string{"offline_access"}, scopes...), " "), "redirect_uris": []string{redirectURI},
 		"token_endpoint_auth_method": "client_secret_basic", "access_token_strategy": "opaque",
 	})
-	resp, err := http.Post(h.AdminURL+"/admin/clients", "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var out struct {
-		ClientID     string `json:"client_id"`
-		ClientSecret string `json:"client_secret"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != http.StatusCreated {
-		t.Fatalf("hydra create client: status %d, %v", resp.StatusCode, err)
-	}
-	return Client{ID: out.ClientID, Secret: out.ClientSecret}
 }
 
 // UserRefreshToken runs the authorization-code flow for subject, as a user
