@@ -99,6 +99,22 @@ type Reissuer interface {
 	ReissueOnRenew(spec Spec) bool
 }
 
+// TwoPhaseRotator rotates a stored secret upstream with an overlap: the new
+// secret is created alongside the current one, verified, promoted by the
+// broker, and the old one retired after the overlap. Each step is called
+// again after a crash, so each must be idempotent.
+type TwoPhaseRotator interface {
+	// Create makes a new secret valid upstream next to spec.Secret and
+	// returns it. Called again with the same rotationID (after a crash), it
+	// returns the same secret or an equally valid one.
+	Create(ctx context.Context, spec Spec, rotationID string) (map[string][]byte, error)
+	// Verify checks that next works upstream.
+	Verify(ctx context.Context, spec Spec, next map[string][]byte) error
+	// Retire makes old stop working upstream. Retiring what is already
+	// gone succeeds.
+	Retire(ctx context.Context, spec Spec, old map[string][]byte) error
+}
+
 // Rotator is implemented by backends whose stored secret can be replaced
 // upstream, e.g. a database admin password. Leases issued before a rotation
 // keep working.

@@ -100,6 +100,22 @@ func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCr
 	if err := backend.Validate(spec); err != nil {
 		return nil, err
 	}
+	var policy *store.RotationPolicy
+	if rp := req.GetRotation(); rp != nil {
+		if _, ok := backend.(backends.TwoPhaseRotator); !ok {
+			return nil, errInvalid("rotation", "the %s backend does not rotate in two phases (use RotateCredential, or the exec backend)", backendName)
+		}
+		policy = &store.RotationPolicy{}
+		if policy.Interval, err = validDuration("rotation.interval", rp.GetInterval(), 10*365*24*time.Hour); err != nil {
+			return nil, err
+		}
+		if policy.Overlap, err = validDuration("rotation.overlap", rp.GetOverlap(), 30*24*time.Hour); err != nil {
+			return nil, err
+		}
+		if rp.GetOverlap() == nil {
+			policy.Overlap = defaultRotationOverlap
+		}
+	}
 
 	now := s.now()
 	var out *store.Credential
@@ -119,6 +135,19 @@ func (a *adminService) PutCredential(ctx context.Context, req *leaseholdv1.PutCr
 		}
 		c.Description, c.Config, c.UpdatedAt = req.GetDescription(), req.GetConfig(), now
 		reason := "metadata updated"
+		if ph := c.RotationState.Phase; len(req.GetSecret()) > 0 && (ph == store.RotationCreating || ph == store.RotationVerifying) {
+			return errPrecondition("secret: a rotation of %q is creating a new version; put the secret when it is done", name)
+		}
+		if policy != nil {
+			c.Rotation = policy
+			if ph := c.RotationState.Phase; ph == "" || ph == store.RotationIdle {
+				c.RotationState.NextDue = time.Time{}
+				if policy.Interval > 0 {
+					c.RotationState.NextDue = now.Add(policy.Interval)
+				}
+			}
+			reason += fmt.Sprintf("; rotation every %v with %v overlap", policy.Interval, policy.Overlap)
+		}
 		if len(req.GetSecret()) > 0 {
 			if err := s.addVersion(tx, c, req.GetSecret(), now); err != nil {
 				return err
@@ -181,21 +210,27 @@ func (a *adminService) ListCredentials(ctx context.Context, req *leaseholdv1.Lis
 // next version number, stores it, and makes it current in c (which the
 // caller then puts).
 func (s *Server) addVersion(tx store.Tx, c *store.Credential, secret map[string]string, now time.Time) error {
+	version := c.CurrentVersion + 1
+	if err := s.putVersion(tx, c, secret, version, now); err != nil {
+		return err
+	}
+	c.CurrentVersion, c.UpdatedAt, c.SecretKeys = version, now, slices.Sorted(maps.Keys(secret))
+	return nil
+}
+
+// putVersion stores secret, sealed, as version of c without making it
+// current.
+func (s *Server) putVersion(tx store.Tx, c *store.Credential, secret map[string]string, version uint64, now time.Time) error {
 	plain, err := json.Marshal(secret)
 	if err != nil {
 		return err
 	}
 	defer clear(plain)
-	version := c.CurrentVersion + 1
 	sealed, err := s.keyring.Seal(c.WrappedKey, credentialAAD(c.Name), plain, versionAAD(c.Name, version))
 	if err != nil {
 		return err
 	}
-	if err := tx.PutCredentialVersion(&store.CredentialVersion{Credential: c.Name, Version: version, Sealed: sealed, CreatedAt: now}); err != nil {
-		return err
-	}
-	c.CurrentVersion, c.UpdatedAt, c.SecretKeys = version, now, slices.Sorted(maps.Keys(secret))
-	return nil
+	return tx.PutCredentialVersion(&store.CredentialVersion{Credential: c.Name, Version: version, Sealed: sealed, CreatedAt: now})
 }
 
 // page trims a list fetched with limit size+1 and makes the next page token.

@@ -93,6 +93,7 @@ var leaseEvents = map[store.AuditEvent]leaseholdv1.LeaseEvent{
 	store.EventLeaseRelease: leaseholdv1.LeaseEvent_LEASE_EVENT_RELEASED,
 	store.EventLeaseExpire:  leaseholdv1.LeaseEvent_LEASE_EVENT_EXPIRED,
 	store.EventLeaseRevoke:  leaseholdv1.LeaseEvent_LEASE_EVENT_REVOKED,
+	store.EventLeaseRotated: leaseholdv1.LeaseEvent_LEASE_EVENT_ROTATED,
 }
 
 // WatchLeases streams the caller's own lease events from the audit trail

@@ -58,11 +58,34 @@ func leaseStateToProto(s store.LeaseState) leaseholdv1.LeaseState {
 }
 
 func credentialToProto(c *store.Credential) *leaseholdv1.Credential {
-	return &leaseholdv1.Credential{
+	out := &leaseholdv1.Credential{
 		Name: c.Name, Backend: c.Backend, Description: c.Description, Config: c.Config,
 		SecretKeys: c.SecretKeys, CurrentVersion: c.CurrentVersion,
 		CreatedAt: ts(c.CreatedAt), UpdatedAt: ts(c.UpdatedAt),
 	}
+	if c.Rotation != nil {
+		out.Rotation = &leaseholdv1.RotationPolicy{Interval: durationpb.New(c.Rotation.Interval), Overlap: durationpb.New(c.Rotation.Overlap)}
+	}
+	st := c.RotationState
+	if c.Rotation != nil || st.Phase != "" {
+		out.RotationState = &leaseholdv1.RotationState{Phase: rotationPhases[st.Phase], PendingVersion: st.PendingVersion,
+			PreviousVersion: st.PreviousVersion, LastError: st.LastError, Failures: int32(st.Failures)}
+		for _, f := range []struct {
+			t   time.Time
+			dst **timestamppb.Timestamp
+		}{{st.LastRotated, &out.RotationState.LastRotated}, {st.NextDue, &out.RotationState.NextDue}, {st.RetireAt, &out.RotationState.RetireAt}} {
+			if !f.t.IsZero() {
+				*f.dst = ts(f.t)
+			}
+		}
+	}
+	return out
+}
+
+var rotationPhases = map[string]leaseholdv1.RotationState_Phase{
+	"": leaseholdv1.RotationState_PHASE_IDLE, store.RotationIdle: leaseholdv1.RotationState_PHASE_IDLE,
+	store.RotationCreating: leaseholdv1.RotationState_PHASE_CREATING, store.RotationVerifying: leaseholdv1.RotationState_PHASE_VERIFYING,
+	store.RotationOverlap: leaseholdv1.RotationState_PHASE_OVERLAP,
 }
 
 func grantToProto(g *store.Grant) *leaseholdv1.Grant {
@@ -110,6 +133,7 @@ var auditEvents = map[store.AuditEvent]leaseholdv1.AuditEvent{
 	store.EventTaskEnd:          leaseholdv1.AuditEvent_AUDIT_EVENT_TASK_END,
 	store.EventTaskRevoke:       leaseholdv1.AuditEvent_AUDIT_EVENT_TASK_REVOKE,
 	store.EventGrantDelegate:    leaseholdv1.AuditEvent_AUDIT_EVENT_GRANT_DELEGATE,
+	store.EventLeaseRotated:     leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_ROTATED,
 }
 
 func auditToProto(r *store.AuditRecord) *leaseholdv1.AuditRecord {

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/exec"
 	"github.com/leasehold/leasehold/backends/oauth2"
 	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
@@ -176,6 +177,7 @@ func (e *env) start() {
 	reg.Register("recording", recorder)
 	reg.Register(postgres.Name, e.pg)
 	reg.Register(oauth2.Name, &oauth2.Backend{})
+	reg.Register(exec.Name, exec.Backend{})
 	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,

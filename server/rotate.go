@@ -45,6 +45,9 @@ func (a *adminService) RotateCredential(ctx context.Context, req *leaseholdv1.Ro
 	if err != nil {
 		return nil, errPrecondition("credential %q uses backend %q, which this broker does not have", name, cred.Backend)
 	}
+	if _, ok := b.(backends.TwoPhaseRotator); ok {
+		return s.rotateTwoPhase(ctx, cred)
+	}
 	rot, ok := b.(backends.Rotator)
 	if !ok {
 		return nil, errPrecondition("name: the %s backend cannot rotate %q upstream; put a new secret with PutCredential instead", cred.Backend, name)
@@ -124,4 +127,24 @@ func (s *Server) secretUpdater(name, agent string) func(context.Context, map[str
 		}
 		return err
 	}
+}
+
+// rotateTwoPhase starts a rotation now and runs it through promotion; the
+// previous version's overlap and retirement continue in the background.
+func (s *Server) rotateTwoPhase(ctx context.Context, c *store.Credential) (*leaseholdv1.RotateCredentialResponse, error) {
+	if ph := c.RotationState.Phase; ph != "" && ph != store.RotationIdle {
+		return nil, errPrecondition("name: a rotation of %q is in progress (phase %s)", c.Name, ph)
+	}
+	if err := s.advanceRotation(ctx, c.Name, true); err != nil {
+		return nil, err
+	}
+	var out *store.Credential
+	if err := s.store.View(ctx, func(tx store.ReadTx) error {
+		var err error
+		out, err = tx.GetCredential(c.Name)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	return &leaseholdv1.RotateCredentialResponse{Credential: credentialToProto(out)}, nil
 }

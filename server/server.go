@@ -55,6 +55,8 @@ type Config struct {
 	// MaxDelegationDepth is the most a grant's max_delegation_depth may be.
 	// Default 3.
 	MaxDelegationDepth int
+	// RotationPoll is how often scheduled rotations are checked. Default 1s.
+	RotationPoll time.Duration
 	// HandshakeTimeout bounds how long a new connection may take to finish
 	// its TLS handshake before it is closed. Default 10s.
 	HandshakeTimeout time.Duration
@@ -135,6 +137,9 @@ func (c *Config) setDefaults() {
 	if c.MaxDelegationDepth == 0 {
 		c.MaxDelegationDepth = 3
 	}
+	if c.RotationPoll == 0 {
+		c.RotationPoll = time.Second
+	}
 	if c.HandshakeTimeout == 0 {
 		c.HandshakeTimeout = 10 * time.Second
 	}
@@ -211,6 +216,7 @@ type Server struct {
 	// webhookClient posts anomaly notifications.
 	webhookClient *http.Client
 	same          keyedMutex // identical acquires, one at a time
+	rotating      keyedMutex // one rotation per credential at a time
 	sinks         []AuditSink
 	grpc          *grpc.Server
 	health        *health.Server
@@ -325,8 +331,9 @@ func (s *Server) startBackground() {
 	if s.stopped {
 		return
 	}
-	s.bg.Add(3 + len(s.sinks))
+	s.bg.Add(4 + len(s.sinks))
 	go func() { defer s.bg.Done(); s.runReaper() }()
+	go func() { defer s.bg.Done(); s.runRotations() }()
 	go func() { defer s.bg.Done(); s.runRevocations() }()
 	go func() { defer s.bg.Done(); s.runHealth() }()
 	for _, sink := range s.sinks {

@@ -164,6 +164,38 @@ type Credential struct {
 	WrappedKey []byte    `json:"wrapped_key"`
 	CreatedAt  time.Time `json:"created_at"`
 	UpdatedAt  time.Time `json:"updated_at"`
+	// Rotation is the schedule, nil for none; RotationState where it stands.
+	Rotation      *RotationPolicy `json:"rotation,omitempty"`
+	RotationState RotationState   `json:"rotation_state,omitzero"`
+}
+
+// RotationPolicy schedules two-phase rotation.
+type RotationPolicy struct {
+	Interval time.Duration `json:"interval"`
+	Overlap  time.Duration `json:"overlap"`
+}
+
+// Rotation phases, persisted so that a restart resumes where it stopped.
+const (
+	RotationIdle      = "idle"
+	RotationCreating  = "creating"
+	RotationVerifying = "verifying"
+	RotationOverlap   = "overlap"
+)
+
+// RotationState is where a credential's rotation stands.
+type RotationState struct {
+	Phase string `json:"phase,omitempty"`
+	// ID names the rotation in progress; creating upstream is idempotent
+	// per ID, so a resumed rotation does not create twice.
+	ID              string    `json:"id,omitempty"`
+	PendingVersion  uint64    `json:"pending_version,omitempty"`
+	PreviousVersion uint64    `json:"previous_version,omitempty"`
+	RetireAt        time.Time `json:"retire_at,omitzero"`
+	LastRotated     time.Time `json:"last_rotated,omitzero"`
+	NextDue         time.Time `json:"next_due,omitzero"`
+	LastError       string    `json:"last_error,omitempty"`
+	Failures        int       `json:"failures,omitempty"`
 }
 
 // CredentialVersion is one version of a credential's secret material,
@@ -328,6 +360,7 @@ const (
 	EventTaskEnd          AuditEvent = "task.end"
 	EventTaskRevoke       AuditEvent = "task.revoke"
 	EventGrantDelegate    AuditEvent = "grant.delegate"
+	EventLeaseRotated     AuditEvent = "lease.rotated"
 )
 
 // Decision is the outcome an audit record holds.

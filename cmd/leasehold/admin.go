@@ -39,6 +39,8 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 	fs.Var(&setFiles, "set-file", "secret field key=PATH, value read from the file (repeatable)")
 	fs.Var(&configs, "config", "backend config key=value (repeatable)")
 	backend := fs.String("backend", "", "backend name (default static)")
+	rotateEvery := fs.Duration("rotate-every", 0, "credential put: scheduled two-phase rotation interval (exec backend)")
+	rotationOverlap := fs.Duration("rotation-overlap", 0, "credential put: how long the previous version stays valid (default 5m)")
 	description := fs.String("description", "", "description")
 	credential := fs.String("credential", "", "credential name")
 	spiffeID := fs.String("spiffe-id", "", "exact SPIFFE ID")
@@ -110,7 +112,14 @@ func cmdAdmin(verb string, args []string, conn *connFlags, stdout, stderr io.Wri
 		if err != nil {
 			return err
 		}
-		r, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: name, Backend: *backend, Description: *description, Config: cfg, Secret: secret})
+		req := &leaseholdv1.PutCredentialRequest{Name: name, Backend: *backend, Description: *description, Config: cfg, Secret: secret}
+		if *rotateEvery != 0 || *rotationOverlap != 0 {
+			req.Rotation = &leaseholdv1.RotationPolicy{Interval: durationpb.New(*rotateEvery)}
+			if *rotationOverlap != 0 {
+				req.Rotation.Overlap = durationpb.New(*rotationOverlap)
+			}
+		}
+		r, err := admin.PutCredential(ctx, req)
 		return emit(stdout, r, err)
 	case "credential get":
 		name, err := one()

@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/exec"
 	"github.com/leasehold/leasehold/backends/oauth2"
 	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
@@ -50,6 +51,7 @@ func newBackends() (r *backends.Registry, close func()) {
 	r = backends.NewRegistry()
 	r.Register(static.Name, static.Backend{})
 	r.Register(oauth2.Name, &oauth2.Backend{})
+	r.Register(exec.Name, exec.Backend{})
 	pg := postgres.New()
 	r.Register(postgres.Name, pg)
 	return r, pg.Close

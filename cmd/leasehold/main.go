@@ -36,6 +36,7 @@ Agent (caller is the SVID in the connection flags):
 
 Admin:
   credential put NAME [--backend static] [--set k=v]... [--set-file k=PATH]... [--config k=v]... [--description D]
+                 [--rotate-every D [--rotation-overlap D]]   (exec backend: scheduled two-phase rotation)
   credential get NAME | credential list | credential delete NAME | credential rotate NAME
   grant create --credential C (--spiffe-id ID | --spiffe-id-prefix ID) --scopes a,b [--max-ttl D] [--max-lifetime D]
                [--max-delegation-depth N] [--task ID] [--expires-in D]

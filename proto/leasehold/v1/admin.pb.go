@@ -35,7 +35,9 @@ type PutCredentialRequest struct {
 	Config      map[string]string `protobuf:"bytes,4,rep,name=config,proto3" json:"config,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Secret fields. Write-only. Empty keeps the current version when the
 	// credential exists; required when it is new.
-	Secret        map[string]string `protobuf:"bytes,5,rep,name=secret,proto3" json:"secret,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Secret map[string]string `protobuf:"bytes,5,rep,name=secret,proto3" json:"secret,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Scheduled two-phase rotation; unset keeps what the credential has.
+	Rotation      *RotationPolicy `protobuf:"bytes,6,opt,name=rotation,proto3" json:"rotation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -101,6 +103,13 @@ func (x *PutCredentialRequest) GetConfig() map[string]string {
 func (x *PutCredentialRequest) GetSecret() map[string]string {
 	if x != nil {
 		return x.Secret
+	}
+	return nil
+}
+
+func (x *PutCredentialRequest) GetRotation() *RotationPolicy {
+	if x != nil {
+		return x.Rotation
 	}
 	return nil
 }
@@ -2208,13 +2217,14 @@ var File_leasehold_v1_admin_proto protoreflect.FileDescriptor
 
 const file_leasehold_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x18leasehold/v1/admin.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xec\x02\n" +
+	"\x18leasehold/v1/admin.proto\x12\fleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18leasehold/v1/types.proto\"\xa6\x03\n" +
 	"\x14PutCredentialRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\abackend\x18\x02 \x01(\tR\abackend\x12 \n" +
 	"\vdescription\x18\x03 \x01(\tR\vdescription\x12F\n" +
 	"\x06config\x18\x04 \x03(\v2..leasehold.v1.PutCredentialRequest.ConfigEntryR\x06config\x12F\n" +
-	"\x06secret\x18\x05 \x03(\v2..leasehold.v1.PutCredentialRequest.SecretEntryR\x06secret\x1a9\n" +
+	"\x06secret\x18\x05 \x03(\v2..leasehold.v1.PutCredentialRequest.SecretEntryR\x06secret\x128\n" +
+	"\brotation\x18\x06 \x01(\v2\x1c.leasehold.v1.RotationPolicyR\brotation\x1a9\n" +
 	"\vConfigEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +
@@ -2455,87 +2465,89 @@ var file_leasehold_v1_admin_proto_goTypes = []any{
 	(*ExplainAccessResponse)(nil),      // 37: leasehold.v1.ExplainAccessResponse
 	nil,                                // 38: leasehold.v1.PutCredentialRequest.ConfigEntry
 	nil,                                // 39: leasehold.v1.PutCredentialRequest.SecretEntry
-	(*Credential)(nil),                 // 40: leasehold.v1.Credential
-	(*Grant)(nil),                      // 41: leasehold.v1.Grant
-	(*Agent)(nil),                      // 42: leasehold.v1.Agent
-	(*Lease)(nil),                      // 43: leasehold.v1.Lease
-	(Decision)(0),                      // 44: leasehold.v1.Decision
-	(*timestamppb.Timestamp)(nil),      // 45: google.protobuf.Timestamp
-	(*AuditRecord)(nil),                // 46: leasehold.v1.AuditRecord
-	(*AuditCheckpoint)(nil),            // 47: leasehold.v1.AuditCheckpoint
-	(*durationpb.Duration)(nil),        // 48: google.protobuf.Duration
+	(*RotationPolicy)(nil),             // 40: leasehold.v1.RotationPolicy
+	(*Credential)(nil),                 // 41: leasehold.v1.Credential
+	(*Grant)(nil),                      // 42: leasehold.v1.Grant
+	(*Agent)(nil),                      // 43: leasehold.v1.Agent
+	(*Lease)(nil),                      // 44: leasehold.v1.Lease
+	(Decision)(0),                      // 45: leasehold.v1.Decision
+	(*timestamppb.Timestamp)(nil),      // 46: google.protobuf.Timestamp
+	(*AuditRecord)(nil),                // 47: leasehold.v1.AuditRecord
+	(*AuditCheckpoint)(nil),            // 48: leasehold.v1.AuditCheckpoint
+	(*durationpb.Duration)(nil),        // 49: google.protobuf.Duration
 }
 var file_leasehold_v1_admin_proto_depIdxs = []int32{
 	38, // 0: leasehold.v1.PutCredentialRequest.config:type_name -> leasehold.v1.PutCredentialRequest.ConfigEntry
 	39, // 1: leasehold.v1.PutCredentialRequest.secret:type_name -> leasehold.v1.PutCredentialRequest.SecretEntry
-	40, // 2: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	40, // 3: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	40, // 4: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
-	40, // 5: leasehold.v1.RotateCredentialResponse.credential:type_name -> leasehold.v1.Credential
-	41, // 6: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
-	41, // 7: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
-	41, // 8: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
-	42, // 9: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
-	42, // 10: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
-	42, // 11: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
-	43, // 12: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
-	43, // 13: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
-	44, // 14: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
-	45, // 15: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
-	45, // 16: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
-	46, // 17: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
-	44, // 18: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
-	46, // 19: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
-	47, // 20: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
-	47, // 21: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
-	47, // 22: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
-	47, // 23: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
-	48, // 24: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
-	41, // 25: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
-	41, // 26: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
-	0,  // 27: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
-	2,  // 28: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
-	4,  // 29: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
-	8,  // 30: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
-	6,  // 31: leasehold.v1.AdminService.RotateCredential:input_type -> leasehold.v1.RotateCredentialRequest
-	10, // 32: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
-	12, // 33: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
-	14, // 34: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
-	16, // 35: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
-	18, // 36: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
-	20, // 37: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
-	22, // 38: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
-	24, // 39: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
-	26, // 40: leasehold.v1.AdminService.RevokeTask:input_type -> leasehold.v1.RevokeTaskRequest
-	28, // 41: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
-	30, // 42: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
-	32, // 43: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
-	34, // 44: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
-	36, // 45: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
-	1,  // 46: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
-	3,  // 47: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
-	5,  // 48: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
-	9,  // 49: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
-	7,  // 50: leasehold.v1.AdminService.RotateCredential:output_type -> leasehold.v1.RotateCredentialResponse
-	11, // 51: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
-	13, // 52: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
-	15, // 53: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
-	17, // 54: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
-	19, // 55: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
-	21, // 56: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
-	23, // 57: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
-	25, // 58: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
-	27, // 59: leasehold.v1.AdminService.RevokeTask:output_type -> leasehold.v1.RevokeTaskResponse
-	29, // 60: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
-	31, // 61: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
-	33, // 62: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
-	35, // 63: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
-	37, // 64: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
-	46, // [46:65] is the sub-list for method output_type
-	27, // [27:46] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	40, // 2: leasehold.v1.PutCredentialRequest.rotation:type_name -> leasehold.v1.RotationPolicy
+	41, // 3: leasehold.v1.PutCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	41, // 4: leasehold.v1.GetCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	41, // 5: leasehold.v1.ListCredentialsResponse.credentials:type_name -> leasehold.v1.Credential
+	41, // 6: leasehold.v1.RotateCredentialResponse.credential:type_name -> leasehold.v1.Credential
+	42, // 7: leasehold.v1.CreateGrantRequest.grant:type_name -> leasehold.v1.Grant
+	42, // 8: leasehold.v1.CreateGrantResponse.grant:type_name -> leasehold.v1.Grant
+	42, // 9: leasehold.v1.ListGrantsResponse.grants:type_name -> leasehold.v1.Grant
+	43, // 10: leasehold.v1.RevokeAgentResponse.agent:type_name -> leasehold.v1.Agent
+	43, // 11: leasehold.v1.ReinstateAgentResponse.agent:type_name -> leasehold.v1.Agent
+	43, // 12: leasehold.v1.ListAgentsResponse.agents:type_name -> leasehold.v1.Agent
+	44, // 13: leasehold.v1.ListLeasesResponse.leases:type_name -> leasehold.v1.Lease
+	44, // 14: leasehold.v1.RevokeLeaseResponse.lease:type_name -> leasehold.v1.Lease
+	45, // 15: leasehold.v1.QueryAuditRequest.decision:type_name -> leasehold.v1.Decision
+	46, // 16: leasehold.v1.QueryAuditRequest.start_time:type_name -> google.protobuf.Timestamp
+	46, // 17: leasehold.v1.QueryAuditRequest.end_time:type_name -> google.protobuf.Timestamp
+	47, // 18: leasehold.v1.QueryAuditResponse.records:type_name -> leasehold.v1.AuditRecord
+	45, // 19: leasehold.v1.WatchAuditRequest.decision:type_name -> leasehold.v1.Decision
+	47, // 20: leasehold.v1.WatchAuditResponse.record:type_name -> leasehold.v1.AuditRecord
+	48, // 21: leasehold.v1.GetAuditCheckpointResponse.checkpoint:type_name -> leasehold.v1.AuditCheckpoint
+	48, // 22: leasehold.v1.VerifyAuditRequest.checkpoints:type_name -> leasehold.v1.AuditCheckpoint
+	48, // 23: leasehold.v1.VerifyAuditResponse.head:type_name -> leasehold.v1.AuditCheckpoint
+	48, // 24: leasehold.v1.VerifyAuditResponse.floor:type_name -> leasehold.v1.AuditCheckpoint
+	49, // 25: leasehold.v1.ExplainAccessRequest.ttl:type_name -> google.protobuf.Duration
+	42, // 26: leasehold.v1.ExplainAccessResponse.grant:type_name -> leasehold.v1.Grant
+	42, // 27: leasehold.v1.ExplainAccessResponse.matching_grants:type_name -> leasehold.v1.Grant
+	0,  // 28: leasehold.v1.AdminService.PutCredential:input_type -> leasehold.v1.PutCredentialRequest
+	2,  // 29: leasehold.v1.AdminService.GetCredential:input_type -> leasehold.v1.GetCredentialRequest
+	4,  // 30: leasehold.v1.AdminService.ListCredentials:input_type -> leasehold.v1.ListCredentialsRequest
+	8,  // 31: leasehold.v1.AdminService.DeleteCredential:input_type -> leasehold.v1.DeleteCredentialRequest
+	6,  // 32: leasehold.v1.AdminService.RotateCredential:input_type -> leasehold.v1.RotateCredentialRequest
+	10, // 33: leasehold.v1.AdminService.CreateGrant:input_type -> leasehold.v1.CreateGrantRequest
+	12, // 34: leasehold.v1.AdminService.ListGrants:input_type -> leasehold.v1.ListGrantsRequest
+	14, // 35: leasehold.v1.AdminService.DeleteGrant:input_type -> leasehold.v1.DeleteGrantRequest
+	16, // 36: leasehold.v1.AdminService.RevokeAgent:input_type -> leasehold.v1.RevokeAgentRequest
+	18, // 37: leasehold.v1.AdminService.ReinstateAgent:input_type -> leasehold.v1.ReinstateAgentRequest
+	20, // 38: leasehold.v1.AdminService.ListAgents:input_type -> leasehold.v1.ListAgentsRequest
+	22, // 39: leasehold.v1.AdminService.ListLeases:input_type -> leasehold.v1.ListLeasesRequest
+	24, // 40: leasehold.v1.AdminService.RevokeLease:input_type -> leasehold.v1.RevokeLeaseRequest
+	26, // 41: leasehold.v1.AdminService.RevokeTask:input_type -> leasehold.v1.RevokeTaskRequest
+	28, // 42: leasehold.v1.AdminService.QueryAudit:input_type -> leasehold.v1.QueryAuditRequest
+	30, // 43: leasehold.v1.AdminService.WatchAudit:input_type -> leasehold.v1.WatchAuditRequest
+	32, // 44: leasehold.v1.AdminService.GetAuditCheckpoint:input_type -> leasehold.v1.GetAuditCheckpointRequest
+	34, // 45: leasehold.v1.AdminService.VerifyAudit:input_type -> leasehold.v1.VerifyAuditRequest
+	36, // 46: leasehold.v1.AdminService.ExplainAccess:input_type -> leasehold.v1.ExplainAccessRequest
+	1,  // 47: leasehold.v1.AdminService.PutCredential:output_type -> leasehold.v1.PutCredentialResponse
+	3,  // 48: leasehold.v1.AdminService.GetCredential:output_type -> leasehold.v1.GetCredentialResponse
+	5,  // 49: leasehold.v1.AdminService.ListCredentials:output_type -> leasehold.v1.ListCredentialsResponse
+	9,  // 50: leasehold.v1.AdminService.DeleteCredential:output_type -> leasehold.v1.DeleteCredentialResponse
+	7,  // 51: leasehold.v1.AdminService.RotateCredential:output_type -> leasehold.v1.RotateCredentialResponse
+	11, // 52: leasehold.v1.AdminService.CreateGrant:output_type -> leasehold.v1.CreateGrantResponse
+	13, // 53: leasehold.v1.AdminService.ListGrants:output_type -> leasehold.v1.ListGrantsResponse
+	15, // 54: leasehold.v1.AdminService.DeleteGrant:output_type -> leasehold.v1.DeleteGrantResponse
+	17, // 55: leasehold.v1.AdminService.RevokeAgent:output_type -> leasehold.v1.RevokeAgentResponse
+	19, // 56: leasehold.v1.AdminService.ReinstateAgent:output_type -> leasehold.v1.ReinstateAgentResponse
+	21, // 57: leasehold.v1.AdminService.ListAgents:output_type -> leasehold.v1.ListAgentsResponse
+	23, // 58: leasehold.v1.AdminService.ListLeases:output_type -> leasehold.v1.ListLeasesResponse
+	25, // 59: leasehold.v1.AdminService.RevokeLease:output_type -> leasehold.v1.RevokeLeaseResponse
+	27, // 60: leasehold.v1.AdminService.RevokeTask:output_type -> leasehold.v1.RevokeTaskResponse
+	29, // 61: leasehold.v1.AdminService.QueryAudit:output_type -> leasehold.v1.QueryAuditResponse
+	31, // 62: leasehold.v1.AdminService.WatchAudit:output_type -> leasehold.v1.WatchAuditResponse
+	33, // 63: leasehold.v1.AdminService.GetAuditCheckpoint:output_type -> leasehold.v1.GetAuditCheckpointResponse
+	35, // 64: leasehold.v1.AdminService.VerifyAudit:output_type -> leasehold.v1.VerifyAuditResponse
+	37, // 65: leasehold.v1.AdminService.ExplainAccess:output_type -> leasehold.v1.ExplainAccessResponse
+	47, // [47:66] is the sub-list for method output_type
+	28, // [28:47] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_admin_proto_init() }

@@ -35,6 +35,10 @@ const (
 	// Ended by an admin: RevokeLease, RevokeAgent, DeleteGrant or
 	// DeleteCredential. Stop using the secret now.
 	LeaseEvent_LEASE_EVENT_REVOKED LeaseEvent = 5
+	// The credential was rotated: the lease holds the previous version, valid
+	// until the overlap ends (the lease is then ended). Acquire again for the
+	// new version.
+	LeaseEvent_LEASE_EVENT_ROTATED LeaseEvent = 6
 )
 
 // Enum value maps for LeaseEvent.
@@ -46,6 +50,7 @@ var (
 		3: "LEASE_EVENT_RELEASED",
 		4: "LEASE_EVENT_EXPIRED",
 		5: "LEASE_EVENT_REVOKED",
+		6: "LEASE_EVENT_ROTATED",
 	}
 	LeaseEvent_value = map[string]int32{
 		"LEASE_EVENT_UNSPECIFIED": 0,
@@ -54,6 +59,7 @@ var (
 		"LEASE_EVENT_RELEASED":    3,
 		"LEASE_EVENT_EXPIRED":     4,
 		"LEASE_EVENT_REVOKED":     5,
+		"LEASE_EVENT_ROTATED":     6,
 	}
 )
 
@@ -1062,7 +1068,7 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\x0eWhoAmIResponse\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x14\n" +
 	"\x05admin\x18\x02 \x01(\bR\x05admin\x12\x18\n" +
-	"\arevoked\x18\x03 \x01(\bR\arevoked*\xa8\x01\n" +
+	"\arevoked\x18\x03 \x01(\bR\arevoked*\xc1\x01\n" +
 	"\n" +
 	"LeaseEvent\x12\x1b\n" +
 	"\x17LEASE_EVENT_UNSPECIFIED\x10\x00\x12\x18\n" +
@@ -1070,7 +1076,8 @@ const file_leasehold_v1_broker_proto_rawDesc = "" +
 	"\x13LEASE_EVENT_RENEWED\x10\x02\x12\x18\n" +
 	"\x14LEASE_EVENT_RELEASED\x10\x03\x12\x17\n" +
 	"\x13LEASE_EVENT_EXPIRED\x10\x04\x12\x17\n" +
-	"\x13LEASE_EVENT_REVOKED\x10\x052\xae\x05\n" +
+	"\x13LEASE_EVENT_REVOKED\x10\x05\x12\x17\n" +
+	"\x13LEASE_EVENT_ROTATED\x10\x062\xae\x05\n" +
 	"\rBrokerService\x12U\n" +
 	"\fAcquireLease\x12!.leasehold.v1.AcquireLeaseRequest\x1a\".leasehold.v1.AcquireLeaseResponse\x12O\n" +
 	"\n" +

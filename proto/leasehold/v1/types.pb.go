@@ -110,6 +110,8 @@ const (
 	AuditEvent_AUDIT_EVENT_TASK_REVOKE AuditEvent = 16
 	// An agent delegated part of its grant to another agent.
 	AuditEvent_AUDIT_EVENT_GRANT_DELEGATE AuditEvent = 17
+	// A lease's credential was rotated; the lease holds the previous version.
+	AuditEvent_AUDIT_EVENT_LEASE_ROTATED AuditEvent = 18
 )
 
 // Enum value maps for AuditEvent.
@@ -133,6 +135,7 @@ var (
 		15: "AUDIT_EVENT_TASK_END",
 		16: "AUDIT_EVENT_TASK_REVOKE",
 		17: "AUDIT_EVENT_GRANT_DELEGATE",
+		18: "AUDIT_EVENT_LEASE_ROTATED",
 	}
 	AuditEvent_value = map[string]int32{
 		"AUDIT_EVENT_UNSPECIFIED":       0,
@@ -153,6 +156,7 @@ var (
 		"AUDIT_EVENT_TASK_END":          15,
 		"AUDIT_EVENT_TASK_REVOKE":       16,
 		"AUDIT_EVENT_GRANT_DELEGATE":    17,
+		"AUDIT_EVENT_LEASE_ROTATED":     18,
 	}
 )
 
@@ -286,6 +290,64 @@ func (x UpstreamRevocation_State) Number() protoreflect.EnumNumber {
 // Deprecated: Use UpstreamRevocation_State.Descriptor instead.
 func (UpstreamRevocation_State) EnumDescriptor() ([]byte, []int) {
 	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{2, 0}
+}
+
+type RotationState_Phase int32
+
+const (
+	RotationState_PHASE_UNSPECIFIED RotationState_Phase = 0
+	RotationState_PHASE_IDLE        RotationState_Phase = 1
+	// The new version is being created upstream.
+	RotationState_PHASE_CREATING RotationState_Phase = 2
+	// Created and stored as pending_version; being verified.
+	RotationState_PHASE_VERIFYING RotationState_Phase = 3
+	// Promoted; previous_version stays valid until retire_at.
+	RotationState_PHASE_OVERLAP RotationState_Phase = 4
+)
+
+// Enum value maps for RotationState_Phase.
+var (
+	RotationState_Phase_name = map[int32]string{
+		0: "PHASE_UNSPECIFIED",
+		1: "PHASE_IDLE",
+		2: "PHASE_CREATING",
+		3: "PHASE_VERIFYING",
+		4: "PHASE_OVERLAP",
+	}
+	RotationState_Phase_value = map[string]int32{
+		"PHASE_UNSPECIFIED": 0,
+		"PHASE_IDLE":        1,
+		"PHASE_CREATING":    2,
+		"PHASE_VERIFYING":   3,
+		"PHASE_OVERLAP":     4,
+	}
+)
+
+func (x RotationState_Phase) Enum() *RotationState_Phase {
+	p := new(RotationState_Phase)
+	*p = x
+	return p
+}
+
+func (x RotationState_Phase) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RotationState_Phase) Descriptor() protoreflect.EnumDescriptor {
+	return file_leasehold_v1_types_proto_enumTypes[4].Descriptor()
+}
+
+func (RotationState_Phase) Type() protoreflect.EnumType {
+	return &file_leasehold_v1_types_proto_enumTypes[4]
+}
+
+func (x RotationState_Phase) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RotationState_Phase.Descriptor instead.
+func (RotationState_Phase) EnumDescriptor() ([]byte, []int) {
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{5, 0}
 }
 
 // Task is the unit of agent work that a lease is acquired for. Audit records
@@ -602,8 +664,12 @@ type Credential struct {
 	CurrentVersion uint64                 `protobuf:"varint,6,opt,name=current_version,json=currentVersion,proto3" json:"current_version,omitempty"`
 	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	UpdatedAt      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Scheduled rotation, for backends that rotate in two phases (exec).
+	Rotation *RotationPolicy `protobuf:"bytes,9,opt,name=rotation,proto3" json:"rotation,omitempty"`
+	// Where rotation stands (read-only).
+	RotationState *RotationState `protobuf:"bytes,10,opt,name=rotation_state,json=rotationState,proto3" json:"rotation_state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Credential) Reset() {
@@ -692,6 +758,180 @@ func (x *Credential) GetUpdatedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Credential) GetRotation() *RotationPolicy {
+	if x != nil {
+		return x.Rotation
+	}
+	return nil
+}
+
+func (x *Credential) GetRotationState() *RotationState {
+	if x != nil {
+		return x.RotationState
+	}
+	return nil
+}
+
+// RotationPolicy: rotate what the broker stores on a schedule, in two
+// phases: create the new version upstream, verify it, promote it (new leases
+// get it), keep the previous one valid for the overlap, then retire it
+// upstream and end the leases still holding it.
+type RotationPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How often. Zero: only on demand (RotateCredential).
+	Interval *durationpb.Duration `protobuf:"bytes,1,opt,name=interval,proto3" json:"interval,omitempty"`
+	// How long the previous version stays valid after the new one is
+	// promoted. Default 5 minutes.
+	Overlap       *durationpb.Duration `protobuf:"bytes,2,opt,name=overlap,proto3" json:"overlap,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotationPolicy) Reset() {
+	*x = RotationPolicy{}
+	mi := &file_leasehold_v1_types_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotationPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotationPolicy) ProtoMessage() {}
+
+func (x *RotationPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_types_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotationPolicy.ProtoReflect.Descriptor instead.
+func (*RotationPolicy) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *RotationPolicy) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *RotationPolicy) GetOverlap() *durationpb.Duration {
+	if x != nil {
+		return x.Overlap
+	}
+	return nil
+}
+
+type RotationState struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Phase           RotationState_Phase    `protobuf:"varint,1,opt,name=phase,proto3,enum=leasehold.v1.RotationState_Phase" json:"phase,omitempty"`
+	LastRotated     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=last_rotated,json=lastRotated,proto3" json:"last_rotated,omitempty"`
+	NextDue         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=next_due,json=nextDue,proto3" json:"next_due,omitempty"`
+	PendingVersion  uint64                 `protobuf:"varint,4,opt,name=pending_version,json=pendingVersion,proto3" json:"pending_version,omitempty"`
+	PreviousVersion uint64                 `protobuf:"varint,5,opt,name=previous_version,json=previousVersion,proto3" json:"previous_version,omitempty"`
+	RetireAt        *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=retire_at,json=retireAt,proto3" json:"retire_at,omitempty"`
+	// The last failure, without secrets; failures counts them in a row.
+	LastError     string `protobuf:"bytes,7,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	Failures      int32  `protobuf:"varint,8,opt,name=failures,proto3" json:"failures,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotationState) Reset() {
+	*x = RotationState{}
+	mi := &file_leasehold_v1_types_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotationState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotationState) ProtoMessage() {}
+
+func (x *RotationState) ProtoReflect() protoreflect.Message {
+	mi := &file_leasehold_v1_types_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotationState.ProtoReflect.Descriptor instead.
+func (*RotationState) Descriptor() ([]byte, []int) {
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RotationState) GetPhase() RotationState_Phase {
+	if x != nil {
+		return x.Phase
+	}
+	return RotationState_PHASE_UNSPECIFIED
+}
+
+func (x *RotationState) GetLastRotated() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastRotated
+	}
+	return nil
+}
+
+func (x *RotationState) GetNextDue() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextDue
+	}
+	return nil
+}
+
+func (x *RotationState) GetPendingVersion() uint64 {
+	if x != nil {
+		return x.PendingVersion
+	}
+	return 0
+}
+
+func (x *RotationState) GetPreviousVersion() uint64 {
+	if x != nil {
+		return x.PreviousVersion
+	}
+	return 0
+}
+
+func (x *RotationState) GetRetireAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RetireAt
+	}
+	return nil
+}
+
+func (x *RotationState) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *RotationState) GetFailures() int32 {
+	if x != nil {
+		return x.Failures
+	}
+	return 0
+}
+
 // Grant allows one SPIFFE ID, or every ID under a path prefix, to lease one
 // credential with at most the listed scopes and for at most max_ttl at a time.
 type Grant struct {
@@ -746,7 +986,7 @@ type Grant struct {
 
 func (x *Grant) Reset() {
 	*x = Grant{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[4]
+	mi := &file_leasehold_v1_types_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -758,7 +998,7 @@ func (x *Grant) String() string {
 func (*Grant) ProtoMessage() {}
 
 func (x *Grant) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[4]
+	mi := &file_leasehold_v1_types_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -771,7 +1011,7 @@ func (x *Grant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Grant.ProtoReflect.Descriptor instead.
 func (*Grant) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{4}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Grant) GetId() string {
@@ -948,7 +1188,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[5]
+	mi := &file_leasehold_v1_types_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -960,7 +1200,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[5]
+	mi := &file_leasehold_v1_types_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -973,7 +1213,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{5}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Agent) GetSpiffeId() string {
@@ -1068,7 +1308,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[6]
+	mi := &file_leasehold_v1_types_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1080,7 +1320,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[6]
+	mi := &file_leasehold_v1_types_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1093,7 +1333,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{6}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AuditRecord) GetSequence() uint64 {
@@ -1251,7 +1491,7 @@ type AuditCheckpoint struct {
 
 func (x *AuditCheckpoint) Reset() {
 	*x = AuditCheckpoint{}
-	mi := &file_leasehold_v1_types_proto_msgTypes[7]
+	mi := &file_leasehold_v1_types_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1263,7 +1503,7 @@ func (x *AuditCheckpoint) String() string {
 func (*AuditCheckpoint) ProtoMessage() {}
 
 func (x *AuditCheckpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_leasehold_v1_types_proto_msgTypes[7]
+	mi := &file_leasehold_v1_types_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1276,7 +1516,7 @@ func (x *AuditCheckpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditCheckpoint.ProtoReflect.Descriptor instead.
 func (*AuditCheckpoint) Descriptor() ([]byte, []int) {
-	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{7}
+	return file_leasehold_v1_types_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *AuditCheckpoint) GetSequence() uint64 {
@@ -1341,7 +1581,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"STATE_LIVE\x10\x01\x12\x11\n" +
 	"\rSTATE_PENDING\x10\x02\x12\x0e\n" +
 	"\n" +
-	"STATE_DONE\x10\x03\"\x95\x03\n" +
+	"STATE_DONE\x10\x03\"\x93\x04\n" +
 	"\n" +
 	"Credential\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
@@ -1354,10 +1594,33 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
 	"\n" +
-	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x1a9\n" +
+	"updated_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x128\n" +
+	"\brotation\x18\t \x01(\v2\x1c.leasehold.v1.RotationPolicyR\brotation\x12B\n" +
+	"\x0erotation_state\x18\n" +
+	" \x01(\v2\x1b.leasehold.v1.RotationStateR\rrotationState\x1a9\n" +
 	"\vConfigEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf0\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"|\n" +
+	"\x0eRotationPolicy\x125\n" +
+	"\binterval\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\binterval\x123\n" +
+	"\aoverlap\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\aoverlap\"\xf2\x03\n" +
+	"\rRotationState\x127\n" +
+	"\x05phase\x18\x01 \x01(\x0e2!.leasehold.v1.RotationState.PhaseR\x05phase\x12=\n" +
+	"\flast_rotated\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\vlastRotated\x125\n" +
+	"\bnext_due\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\anextDue\x12'\n" +
+	"\x0fpending_version\x18\x04 \x01(\x04R\x0ependingVersion\x12)\n" +
+	"\x10previous_version\x18\x05 \x01(\x04R\x0fpreviousVersion\x127\n" +
+	"\tretire_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\bretireAt\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\a \x01(\tR\tlastError\x12\x1a\n" +
+	"\bfailures\x18\b \x01(\x05R\bfailures\"j\n" +
+	"\x05Phase\x12\x15\n" +
+	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x0e\n" +
+	"\n" +
+	"PHASE_IDLE\x10\x01\x12\x12\n" +
+	"\x0ePHASE_CREATING\x10\x02\x12\x13\n" +
+	"\x0fPHASE_VERIFYING\x10\x03\x12\x11\n" +
+	"\rPHASE_OVERLAP\x10\x04\"\xf0\x05\n" +
 	"\x05Grant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
 	"\tspiffe_id\x18\x02 \x01(\tH\x00R\bspiffeId\x12*\n" +
@@ -1430,7 +1693,7 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n" +
 	"\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n" +
 	"\x13LEASE_STATE_EXPIRED\x10\x03\x12\x17\n" +
-	"\x13LEASE_STATE_REVOKED\x10\x04*\xb2\x04\n" +
+	"\x13LEASE_STATE_REVOKED\x10\x04*\xd1\x04\n" +
 	"\n" +
 	"AuditEvent\x12\x1b\n" +
 	"\x17AUDIT_EVENT_UNSPECIFIED\x10\x00\x12\x1d\n" +
@@ -1451,7 +1714,8 @@ const file_leasehold_v1_types_proto_rawDesc = "" +
 	"\x1dAUDIT_EVENT_CREDENTIAL_ROTATE\x10\x0e\x12\x18\n" +
 	"\x14AUDIT_EVENT_TASK_END\x10\x0f\x12\x1b\n" +
 	"\x17AUDIT_EVENT_TASK_REVOKE\x10\x10\x12\x1e\n" +
-	"\x1aAUDIT_EVENT_GRANT_DELEGATE\x10\x11*K\n" +
+	"\x1aAUDIT_EVENT_GRANT_DELEGATE\x10\x11\x12\x1d\n" +
+	"\x19AUDIT_EVENT_LEASE_ROTATED\x10\x12*K\n" +
 	"\bDecision\x12\x18\n" +
 	"\x14DECISION_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eDECISION_ALLOW\x10\x01\x12\x11\n" +
@@ -1469,55 +1733,66 @@ func file_leasehold_v1_types_proto_rawDescGZIP() []byte {
 	return file_leasehold_v1_types_proto_rawDescData
 }
 
-var file_leasehold_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_leasehold_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_leasehold_v1_types_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_leasehold_v1_types_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_leasehold_v1_types_proto_goTypes = []any{
 	(LeaseState)(0),               // 0: leasehold.v1.LeaseState
 	(AuditEvent)(0),               // 1: leasehold.v1.AuditEvent
 	(Decision)(0),                 // 2: leasehold.v1.Decision
 	(UpstreamRevocation_State)(0), // 3: leasehold.v1.UpstreamRevocation.State
-	(*Task)(nil),                  // 4: leasehold.v1.Task
-	(*Lease)(nil),                 // 5: leasehold.v1.Lease
-	(*UpstreamRevocation)(nil),    // 6: leasehold.v1.UpstreamRevocation
-	(*Credential)(nil),            // 7: leasehold.v1.Credential
-	(*Grant)(nil),                 // 8: leasehold.v1.Grant
-	(*Agent)(nil),                 // 9: leasehold.v1.Agent
-	(*AuditRecord)(nil),           // 10: leasehold.v1.AuditRecord
-	(*AuditCheckpoint)(nil),       // 11: leasehold.v1.AuditCheckpoint
-	nil,                           // 12: leasehold.v1.Credential.ConfigEntry
-	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
+	(RotationState_Phase)(0),      // 4: leasehold.v1.RotationState.Phase
+	(*Task)(nil),                  // 5: leasehold.v1.Task
+	(*Lease)(nil),                 // 6: leasehold.v1.Lease
+	(*UpstreamRevocation)(nil),    // 7: leasehold.v1.UpstreamRevocation
+	(*Credential)(nil),            // 8: leasehold.v1.Credential
+	(*RotationPolicy)(nil),        // 9: leasehold.v1.RotationPolicy
+	(*RotationState)(nil),         // 10: leasehold.v1.RotationState
+	(*Grant)(nil),                 // 11: leasehold.v1.Grant
+	(*Agent)(nil),                 // 12: leasehold.v1.Agent
+	(*AuditRecord)(nil),           // 13: leasehold.v1.AuditRecord
+	(*AuditCheckpoint)(nil),       // 14: leasehold.v1.AuditCheckpoint
+	nil,                           // 15: leasehold.v1.Credential.ConfigEntry
+	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
 }
 var file_leasehold_v1_types_proto_depIdxs = []int32{
-	4,  // 0: leasehold.v1.Lease.task:type_name -> leasehold.v1.Task
+	5,  // 0: leasehold.v1.Lease.task:type_name -> leasehold.v1.Task
 	0,  // 1: leasehold.v1.Lease.state:type_name -> leasehold.v1.LeaseState
-	13, // 2: leasehold.v1.Lease.issued_at:type_name -> google.protobuf.Timestamp
-	13, // 3: leasehold.v1.Lease.expires_at:type_name -> google.protobuf.Timestamp
-	13, // 4: leasehold.v1.Lease.max_expires_at:type_name -> google.protobuf.Timestamp
-	13, // 5: leasehold.v1.Lease.ended_at:type_name -> google.protobuf.Timestamp
-	6,  // 6: leasehold.v1.Lease.upstream_revocation:type_name -> leasehold.v1.UpstreamRevocation
+	16, // 2: leasehold.v1.Lease.issued_at:type_name -> google.protobuf.Timestamp
+	16, // 3: leasehold.v1.Lease.expires_at:type_name -> google.protobuf.Timestamp
+	16, // 4: leasehold.v1.Lease.max_expires_at:type_name -> google.protobuf.Timestamp
+	16, // 5: leasehold.v1.Lease.ended_at:type_name -> google.protobuf.Timestamp
+	7,  // 6: leasehold.v1.Lease.upstream_revocation:type_name -> leasehold.v1.UpstreamRevocation
 	3,  // 7: leasehold.v1.UpstreamRevocation.state:type_name -> leasehold.v1.UpstreamRevocation.State
-	13, // 8: leasehold.v1.UpstreamRevocation.next_attempt_at:type_name -> google.protobuf.Timestamp
-	13, // 9: leasehold.v1.UpstreamRevocation.done_at:type_name -> google.protobuf.Timestamp
-	12, // 10: leasehold.v1.Credential.config:type_name -> leasehold.v1.Credential.ConfigEntry
-	13, // 11: leasehold.v1.Credential.created_at:type_name -> google.protobuf.Timestamp
-	13, // 12: leasehold.v1.Credential.updated_at:type_name -> google.protobuf.Timestamp
-	14, // 13: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
-	14, // 14: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
-	13, // 15: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
-	13, // 16: leasehold.v1.Grant.expires_at:type_name -> google.protobuf.Timestamp
-	13, // 17: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
-	13, // 18: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
-	13, // 19: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
-	13, // 20: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
-	1,  // 21: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
-	2,  // 22: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
-	13, // 23: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
-	24, // [24:24] is the sub-list for method output_type
-	24, // [24:24] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	16, // 8: leasehold.v1.UpstreamRevocation.next_attempt_at:type_name -> google.protobuf.Timestamp
+	16, // 9: leasehold.v1.UpstreamRevocation.done_at:type_name -> google.protobuf.Timestamp
+	15, // 10: leasehold.v1.Credential.config:type_name -> leasehold.v1.Credential.ConfigEntry
+	16, // 11: leasehold.v1.Credential.created_at:type_name -> google.protobuf.Timestamp
+	16, // 12: leasehold.v1.Credential.updated_at:type_name -> google.protobuf.Timestamp
+	9,  // 13: leasehold.v1.Credential.rotation:type_name -> leasehold.v1.RotationPolicy
+	10, // 14: leasehold.v1.Credential.rotation_state:type_name -> leasehold.v1.RotationState
+	17, // 15: leasehold.v1.RotationPolicy.interval:type_name -> google.protobuf.Duration
+	17, // 16: leasehold.v1.RotationPolicy.overlap:type_name -> google.protobuf.Duration
+	4,  // 17: leasehold.v1.RotationState.phase:type_name -> leasehold.v1.RotationState.Phase
+	16, // 18: leasehold.v1.RotationState.last_rotated:type_name -> google.protobuf.Timestamp
+	16, // 19: leasehold.v1.RotationState.next_due:type_name -> google.protobuf.Timestamp
+	16, // 20: leasehold.v1.RotationState.retire_at:type_name -> google.protobuf.Timestamp
+	17, // 21: leasehold.v1.Grant.max_ttl:type_name -> google.protobuf.Duration
+	17, // 22: leasehold.v1.Grant.max_lifetime:type_name -> google.protobuf.Duration
+	16, // 23: leasehold.v1.Grant.created_at:type_name -> google.protobuf.Timestamp
+	16, // 24: leasehold.v1.Grant.expires_at:type_name -> google.protobuf.Timestamp
+	16, // 25: leasehold.v1.Agent.revoked_at:type_name -> google.protobuf.Timestamp
+	16, // 26: leasehold.v1.Agent.first_seen:type_name -> google.protobuf.Timestamp
+	16, // 27: leasehold.v1.Agent.last_seen:type_name -> google.protobuf.Timestamp
+	16, // 28: leasehold.v1.AuditRecord.time:type_name -> google.protobuf.Timestamp
+	1,  // 29: leasehold.v1.AuditRecord.event:type_name -> leasehold.v1.AuditEvent
+	2,  // 30: leasehold.v1.AuditRecord.decision:type_name -> leasehold.v1.Decision
+	16, // 31: leasehold.v1.AuditCheckpoint.time:type_name -> google.protobuf.Timestamp
+	32, // [32:32] is the sub-list for method output_type
+	32, // [32:32] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_leasehold_v1_types_proto_init() }
@@ -1525,7 +1800,7 @@ func file_leasehold_v1_types_proto_init() {
 	if File_leasehold_v1_types_proto != nil {
 		return
 	}
-	file_leasehold_v1_types_proto_msgTypes[4].OneofWrappers = []any{
+	file_leasehold_v1_types_proto_msgTypes[6].OneofWrappers = []any{
 		(*Grant_SpiffeId)(nil),
 		(*Grant_SpiffeIdPrefix)(nil),
 	}
@@ -1534,8 +1809,8 @@ func file_leasehold_v1_types_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leasehold_v1_types_proto_rawDesc), len(file_leasehold_v1_types_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   9,
+			NumEnums:      5,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

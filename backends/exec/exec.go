@@ -1,0 +1,200 @@
+// Package exec serves stored secrets like the static backend and rotates
+// them through an operator-supplied command, for upstreams Leasehold has no
+// built-in rotator for (an API key minted by a vendor's API, a service
+// account key, a webhook secret).
+//
+// Credential config:
+//
+//	command   absolute path of the rotator program (required)
+//	timeout   per invocation, a Go duration (default 30s)
+//
+// The contract. The broker runs `command create`, `command verify` or
+// `command retire` with an empty environment (PATH only) and writes one JSON
+// object to its standard input:
+//
+//	{"credential": "crm/api", "config": {...}, "rotation_id": "rot_...",
+//	 "secret": {...current...}, "next": {...}, "old": {...}}
+//
+// (next for verify, old for retire). create must print
+// {"secret": {"field": "value", ...}} on standard output: a new secret,
+// valid upstream alongside the current one; called again with the same
+// rotation_id (the broker resumes after a crash) it must print the same
+// secret or another valid one, never leave two. verify exits 0 if next
+// works. retire makes old stop working and exits 0, also when it is already
+// gone. A non-zero exit is a failure; the first line of standard error (with
+// any secret value removed) is recorded as the reason.
+package exec
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/leasehold/leasehold/backends"
+)
+
+// Name is the registry name of this backend.
+const Name = "exec"
+
+// Backend is the exec backend.
+type Backend struct{}
+
+var (
+	_ backends.Backend         = Backend{}
+	_ backends.TwoPhaseRotator = Backend{}
+)
+
+// Validate requires a command (absolute path) and a secret.
+func (Backend) Validate(spec backends.Spec) error {
+	for k := range spec.Config {
+		if k != "command" && k != "timeout" {
+			return fmt.Errorf("%w: config.%s: unknown setting (valid: command, timeout)", backends.ErrInvalidConfig, k)
+		}
+	}
+	cmd := spec.Config["command"]
+	if cmd == "" || !filepath.IsAbs(cmd) {
+		return fmt.Errorf("%w: config.command: the rotator's absolute path is required", backends.ErrInvalidConfig)
+	}
+	if _, err := timeout(spec); err != nil {
+		return err
+	}
+	if len(spec.Secret) == 0 {
+		return fmt.Errorf("%w: secret: at least one field is required", backends.ErrInvalidConfig)
+	}
+	return nil
+}
+
+func timeout(spec backends.Spec) (time.Duration, error) {
+	v := spec.Config["timeout"]
+	if v == "" {
+		return 30 * time.Second, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%w: config.timeout: a positive Go duration such as 30s", backends.ErrInvalidConfig)
+	}
+	return d, nil
+}
+
+// Issue returns a copy of the stored secret, as the static backend does.
+func (Backend) Issue(_ context.Context, req backends.IssueRequest) (*backends.Issued, error) {
+	out := make(map[string][]byte, len(req.Spec.Secret))
+	for k, v := range req.Spec.Secret {
+		out[k] = append([]byte(nil), v...)
+	}
+	return &backends.Issued{Secret: out}, nil
+}
+
+// Renew implements backends.Backend.
+func (Backend) Renew(ctx context.Context, ref backends.LeaseRef, at time.Time) (time.Time, error) {
+	return at, nil
+}
+
+// Revoke implements backends.Backend: nothing per lease exists upstream.
+func (Backend) Revoke(context.Context, backends.LeaseRef) error { return nil }
+
+type request struct {
+	Credential string            `json:"credential"`
+	Config     map[string]string `json:"config"`
+	RotationID string            `json:"rotation_id,omitempty"`
+	Secret     map[string]string `json:"secret"`
+	Next       map[string]string `json:"next,omitempty"`
+	Old        map[string]string `json:"old,omitempty"`
+}
+
+// Create implements backends.TwoPhaseRotator.
+func (b Backend) Create(ctx context.Context, spec backends.Spec, rotationID string) (map[string][]byte, error) {
+	out, err := run(ctx, spec, "create", request{RotationID: rotationID})
+	if err != nil {
+		return nil, err
+	}
+	var resp struct {
+		Secret map[string]string `json:"secret"`
+	}
+	if err := json.Unmarshal(out, &resp); err != nil || len(resp.Secret) == 0 {
+		return nil, fmt.Errorf("%w: rotator create: standard output is not {\"secret\": {...}}", backends.ErrUpstreamRejected)
+	}
+	next := make(map[string][]byte, len(resp.Secret))
+	for k, v := range resp.Secret {
+		next[k] = []byte(v)
+	}
+	return next, nil
+}
+
+// Verify implements backends.TwoPhaseRotator.
+func (b Backend) Verify(ctx context.Context, spec backends.Spec, next map[string][]byte) error {
+	_, err := run(ctx, spec, "verify", request{Next: plain(next)})
+	return err
+}
+
+// Retire implements backends.TwoPhaseRotator.
+func (b Backend) Retire(ctx context.Context, spec backends.Spec, old map[string][]byte) error {
+	_, err := run(ctx, spec, "retire", request{Old: plain(old)})
+	return err
+}
+
+func plain(m map[string][]byte) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = string(v)
+	}
+	return out
+}
+
+func run(ctx context.Context, spec backends.Spec, verb string, req request) ([]byte, error) {
+	d, err := timeout(spec)
+	if err != nil {
+		return nil, err
+	}
+	req.Credential, req.Config, req.Secret = spec.Name, spec.Config, plain(spec.Secret)
+	in, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(in)
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, spec.Config["command"], verb) //nolint:gosec // the operator's configured rotator
+	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
+	cmd.Stdin = bytes.NewReader(in)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err = cmd.Run()
+	if ctx.Err() != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return nil, fmt.Errorf("%w: rotator %s timed out after %v", backends.ErrUpstreamUnavailable, verb, d)
+	}
+	if err != nil {
+		if ctxErr := context.Cause(ctx); ctxErr != nil {
+			return nil, ctxErr
+		}
+		return nil, fmt.Errorf("%w: rotator %s: %w: %s", backends.ErrUpstreamRejected, verb, err, scrub(firstLine(stderr.String()), req))
+	}
+	return stdout.Bytes(), nil
+}
+
+func firstLine(s string) string {
+	s, _, _ = strings.Cut(strings.TrimSpace(s), "\n")
+	if len(s) > 200 {
+		s = s[:200]
+	}
+	return s
+}
+
+// scrub removes every secret value the rotator was given from its message.
+func scrub(msg string, req request) string {
+	for _, m := range []map[string]string{req.Secret, req.Next, req.Old} {
+		for v := range maps.Values(m) {
+			if len(v) >= 4 {
+				msg = strings.ReplaceAll(msg, v, "[redacted]")
+			}
+		}
+	}
+	return msg
+}

@@ -1,0 +1,273 @@
+package server_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
+)
+
+// The rotator the exec backend runs in these tests is this test binary,
+// behind a small script (the backend clears the environment): its
+// "upstream" is a directory holding one file per valid secret.
+const rotatorEnv = "LEASEHOLD_TEST_ROTATOR_DIR"
+
+func TestMain(m *testing.M) {
+	if dir := os.Getenv(rotatorEnv); dir != "" {
+		os.Exit(fakeUpstreamRotator(dir, os.Args[len(os.Args)-1]))
+	}
+	os.Exit(m.Run())
+}
+
+func fakeUpstreamRotator(dir, verb string) int {
+	in, _ := io.ReadAll(os.Stdin)
+	var req struct {
+		RotationID string            `json:"rotation_id"`
+		Next       map[string]string `json:"next"`
+		Old        map[string]string `json:"old"`
+	}
+	if err := json.Unmarshal(in, &req); err != nil {
+		fmt.Fprintln(os.Stderr, "bad input:", err)
+		return 2
+	}
+	exists := func(p string) bool { _, err := os.Stat(filepath.Join(dir, p)); return err == nil }
+	switch verb {
+	case "create":
+		if b, err := os.ReadFile(filepath.Join(dir, "ids", req.RotationID)); err == nil {
+			fmt.Printf(`{"secret": {"api_key": %q}}`, string(b)) // the same rotation again: the same secret
+			return 0
+		}
+		b := make([]byte, 8)
+		_, _ = rand.Read(b)
+		key := "key-" + hex.EncodeToString(b)
+		_ = os.WriteFile(filepath.Join(dir, "valid", key), nil, 0o600)
+		_ = os.WriteFile(filepath.Join(dir, "ids", req.RotationID), []byte(key), 0o600)
+		if exists("slow-create") {
+			time.Sleep(30 * time.Second) // created upstream, then the broker goes away
+		}
+		fmt.Printf(`{"secret": {"api_key": %q}}`, key)
+	case "verify":
+		if exists("fail-verify") {
+			fmt.Fprintf(os.Stderr, "upstream refused %s\n", req.Next["api_key"]) // the broker must scrub this
+			return 1
+		}
+		if !exists(filepath.Join("valid", req.Next["api_key"])) {
+			return 1
+		}
+	case "retire":
+		_ = os.Remove(filepath.Join(dir, "valid", req.Old["api_key"]))
+	default:
+		return 2
+	}
+	return 0
+}
+
+type upstream struct{ dir string }
+
+func (u upstream) valid(key string) bool {
+	_, err := os.Stat(filepath.Join(u.dir, "valid", key))
+	return err == nil
+}
+
+func (u upstream) count(sub string) int {
+	ents, _ := os.ReadDir(filepath.Join(u.dir, sub))
+	return len(ents)
+}
+
+func (u upstream) flag(name string, on bool) {
+	p := filepath.Join(u.dir, name)
+	if on {
+		_ = os.WriteFile(p, nil, 0o600)
+	} else {
+		_ = os.Remove(p)
+	}
+}
+
+// rotatorEnvSetup creates the fake upstream with one valid key and an exec
+// credential "crm/api" rotated by it.
+func rotatorSetup(t *testing.T, e *env, rotation *leaseholdv1.RotationPolicy) upstream {
+	t.Helper()
+	u := upstream{dir: t.TempDir()}
+	for _, d := range []string{"valid", "ids"} {
+		require.NoError(t, os.MkdirAll(filepath.Join(u.dir, d), 0o700))
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(u.dir, "valid", "key-initial"), nil, 0o600))
+	self, err := os.Executable()
+	require.NoError(t, err)
+	script := filepath.Join(u.dir, "rotator")
+	require.NoError(t, os.WriteFile(script, []byte(fmt.Sprintf("#!/bin/sh\n%s=%s exec %s \"$@\"\n", rotatorEnv, u.dir, self)), 0o700))
+	_, err = e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "crm/api", Backend: "exec",
+		Config: map[string]string{"command": script}, Secret: map[string]string{"api_key": "key-initial"}, Rotation: rotation})
+	require.NoError(t, err)
+	e.grant("crm/api", agent1ID, "read")
+	return u
+}
+
+func credentialState(t *testing.T, e *env) *leaseholdv1.Credential {
+	t.Helper()
+	resp, err := e.admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: "crm/api"})
+	require.NoError(t, err)
+	return resp.GetCredential()
+}
+
+// Scheduled rotation every second with a one-second overlap while an agent
+// acquires continuously: every secret handed out is valid upstream when it
+// is handed out, a lease held across a rotation hears "rotated" and ends
+// when its version is retired, and retired versions are gone upstream.
+func TestScheduledTwoPhaseRotation(t *testing.T) {
+	e := newEnv(t, noQuotas, func(c *server.Config) { c.RotationPoll = 50 * time.Millisecond })
+	u := rotatorSetup(t, e, &leaseholdv1.RotationPolicy{Interval: durationpb.New(time.Second), Overlap: durationpb.New(time.Second)})
+
+	held, err := e.agent1.AcquireLease(ctx, withTTL(acquireReq("crm/api", "long-job", "read"), 10*time.Minute))
+	require.NoError(t, err)
+	require.Equal(t, "key-initial", held.GetSecret()["api_key"])
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	watch, err := e.agent1.WatchLeases(wctx, &leaseholdv1.WatchLeasesRequest{})
+	require.NoError(t, err)
+	var events sync.Map // lease id + event → seen
+	go func() {
+		for {
+			ev, err := watch.Recv()
+			if err != nil {
+				return
+			}
+			events.Store(ev.GetLeaseId()+"/"+ev.GetEvent().String(), true)
+		}
+	}()
+
+	var handedOut, invalid atomic.Int64
+	seen := sync.Map{}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/api", fmt.Sprintf("job-%d", i), "read"))
+			if err != nil {
+				continue
+			}
+			key := l.GetSecret()["api_key"]
+			handedOut.Add(1)
+			seen.Store(key, true)
+			if !u.valid(key) {
+				invalid.Add(1)
+			}
+			_, _ = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: l.GetLease().GetId()})
+		}
+	})
+	require.Eventually(t, func() bool { return credentialState(t, e).GetCurrentVersion() >= 4 }, 20*time.Second, 50*time.Millisecond,
+		"three rotations")
+	close(stop)
+	wg.Wait()
+	require.Positive(t, handedOut.Load())
+	require.Zero(t, invalid.Load(), "no secret was handed out that was not valid upstream")
+	distinct := 0
+	seen.Range(func(any, any) bool { distinct++; return true })
+	require.GreaterOrEqual(t, distinct, 2, "agents got the new versions without any change on their side")
+
+	// The lease held across the rotation heard of it, then ended with its version.
+	require.Eventually(t, func() bool {
+		_, rotated := events.Load(held.GetLease().GetId() + "/LEASE_EVENT_ROTATED")
+		_, revoked := events.Load(held.GetLease().GetId() + "/LEASE_EVENT_REVOKED")
+		return rotated && revoked
+	}, 10*time.Second, 20*time.Millisecond)
+	require.False(t, u.valid("key-initial"), "the first version was retired upstream")
+	require.Eventually(t, func() bool { return u.count("valid") <= 2 }, 10*time.Second, 20*time.Millisecond,
+		"at most the current and the overlapping previous version are valid upstream")
+
+	c := credentialState(t, e)
+	require.NotNil(t, c.GetRotationState().GetLastRotated())
+	require.NotNil(t, c.GetRotationState().GetNextDue())
+	require.Empty(t, c.GetRotationState().GetLastError())
+	recs := e.audit(&leaseholdv1.QueryAuditRequest{Credential: "crm/api"})
+	var phases []string
+	for _, r := range recs {
+		if r.GetEvent() == leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE {
+			phases = append(phases, r.GetReason())
+			for _, key := range []string{"key-initial"} {
+				require.NotContains(t, r.GetReason(), key)
+			}
+		}
+	}
+	all := strings.Join(phases, "\n")
+	for _, want := range []string{"started", "stored as pending", "verified and promoted", "leases holding version", "retired upstream"} {
+		require.Contains(t, all, want, "each phase is audited")
+	}
+}
+
+// A failed verify keeps the current version, records the error without the
+// secret, takes the new version back upstream, and the next try succeeds.
+func TestRotationVerifyFailureKeepsCurrent(t *testing.T) {
+	e := newEnv(t, noQuotas)
+	u := rotatorSetup(t, e, &leaseholdv1.RotationPolicy{Overlap: durationpb.New(time.Hour)})
+	u.flag("fail-verify", true)
+	_, err := e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/api"})
+	requireCode(t, err, codes.FailedPrecondition, "failed at verify")
+	require.NotContains(t, err.Error(), "key-", "the rotator's message is scrubbed of secrets")
+	c := credentialState(t, e)
+	require.Equal(t, uint64(1), c.GetCurrentVersion())
+	require.Equal(t, int32(1), c.GetRotationState().GetFailures())
+	require.Contains(t, c.GetRotationState().GetLastError(), "verify")
+	require.NotNil(t, c.GetRotationState().GetNextDue(), "retried with backoff")
+	require.Equal(t, 1, u.count("valid"), "the unverified version was retired upstream")
+	l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/api", "t", "read"))
+	require.NoError(t, err)
+	require.Equal(t, "key-initial", l.GetSecret()["api_key"])
+
+	u.flag("fail-verify", false)
+	resp, err := e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/api"})
+	require.NoError(t, err)
+	require.Equal(t, leaseholdv1.RotationState_PHASE_OVERLAP, resp.GetCredential().GetRotationState().GetPhase())
+	require.Greater(t, resp.GetCredential().GetCurrentVersion(), uint64(1))
+	require.True(t, u.valid("key-initial"), "the previous version stays valid during the overlap")
+	l2, err := e.agent1.AcquireLease(ctx, acquireReq("crm/api", "t2", "read"))
+	require.NoError(t, err)
+	require.NotEqual(t, "key-initial", l2.GetSecret()["api_key"], "new leases get the new version")
+	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/api"})
+	requireCode(t, err, codes.FailedPrecondition, "in progress")
+}
+
+// A broker stopped after the rotator created the new secret upstream but
+// before storing it resumes the same rotation on restart: the rotator sees
+// the same rotation id and nothing is created twice.
+func TestRotationResumesAfterRestart(t *testing.T) {
+	e := newEnv(t, noQuotas, func(c *server.Config) { c.RotationPoll = 50 * time.Millisecond })
+	u := rotatorSetup(t, e, &leaseholdv1.RotationPolicy{Interval: durationpb.New(time.Second), Overlap: durationpb.New(time.Hour)})
+	u.flag("slow-create", true)
+	require.Eventually(t, func() bool { return u.count("ids") == 1 }, 10*time.Second, 20*time.Millisecond, "the rotator created upstream")
+	e.stop() // mid-create: the rotator is killed, the phase stays "creating"
+	e.start()
+	require.Eventually(t, func() bool {
+		return credentialState(t, e).GetRotationState().GetPhase() == leaseholdv1.RotationState_PHASE_OVERLAP
+	}, 20*time.Second, 50*time.Millisecond, "the rotation resumed and was promoted")
+	require.Equal(t, 1, u.count("ids"), "created once, not twice")
+	require.Equal(t, 2, u.count("valid"), "the initial key and the one new key")
+	ids, err := os.ReadDir(filepath.Join(u.dir, "ids"))
+	require.NoError(t, err)
+	key, err := os.ReadFile(filepath.Join(u.dir, "ids", ids[0].Name()))
+	require.NoError(t, err)
+	l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/api", "after", "read"))
+	require.NoError(t, err)
+	require.Equal(t, string(key), l.GetSecret()["api_key"])
+}
