@@ -514,8 +514,10 @@ func (t *boltTx) ListLeases(f store.LeaseFilter, after string, limit int) ([]*st
 	var out []*store.Lease
 	var ix *leaseIndex
 	var value string
-	for i, v := range []string{f.AgentID, f.TaskID, f.GrantID, f.Credential} {
-		if v != "" {
+	// The narrowest index first: a task has few leases, an agent or a
+	// credential may have millions over time.
+	for _, i := range []int{1, 0, 2, 3} {
+		if v := []string{f.AgentID, f.TaskID, f.GrantID, f.Credential}[i]; v != "" {
 			ix, value = &leaseIndexes[i], v
 			break
 		}
