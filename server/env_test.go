@@ -176,6 +176,7 @@ func (e *env) start() {
 	reg.Register(static.Name, static.Backend{})
 	reg.Register("recording", recorder)
 	reg.Register(postgres.Name, e.pg)
+	reg.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: e.pg})
 	reg.Register(oauth2.Name, &oauth2.Backend{})
 	reg.Register(exec.Name, exec.Backend{})
 	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}

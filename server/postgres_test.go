@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/leasehold/leasehold/backends/postgres/pgtest"
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
@@ -262,4 +263,66 @@ func TestPostgresRotateCredential(t *testing.T) {
 	requireCode(t, err, codes.FailedPrecondition, "cannot rotate")
 	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "api/none"})
 	requireCode(t, err, codes.NotFound, "")
+}
+
+// A static database login rotated every two seconds with a one-second
+// overlap, alternating between two roles, while an agent keeps acquiring
+// and logging in: no login fails across several rotations, and once a
+// version's overlap is over its password no longer logs in.
+func TestPostgresStaticRoleRotation(t *testing.T) {
+	c := pgtest.Start(t)
+	c.Exec(t, "CREATE ROLE leasehold_admin LOGIN CREATEROLE PASSWORD '"+pgAdminPassword+"'")
+	c.Exec(t, "CREATE ROLE app_a LOGIN PASSWORD 'CANARY-initial-app-pw'")
+	c.Exec(t, "CREATE ROLE app_b NOLOGIN")
+	c.Exec(t, "CREATE TABLE reports (id int)")
+	c.Exec(t, "GRANT SELECT ON reports TO app_a, app_b")
+	e := newEnv(t, noQuotas, func(cfg *server.Config) { cfg.RotationPoll = 50 * time.Millisecond })
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/reports", Backend: "postgres-static-role",
+		Config: map[string]string{"host": c.Host, "port": strconv.Itoa(c.Port), "database": "postgres", "sslmode": "disable",
+			"admin_user": "leasehold_admin", "users": "app_a,app_b"},
+		Secret:   map[string]string{"admin_password": pgAdminPassword, "user": "app_a", "password": "CANARY-initial-app-pw"},
+		Rotation: &leaseholdv1.RotationPolicy{Interval: durationpb.New(2 * time.Second), Overlap: durationpb.New(time.Second)}})
+	require.NoError(t, err)
+	e.grant("db/reports", agent1ID, "read")
+
+	var logins, failed int
+	var dsns []string
+	deadline := time.Now().Add(2 * time.Minute)
+	for i := 0; ; i++ {
+		cred, err := e.admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: "db/reports"})
+		require.NoError(t, err)
+		if cred.GetCredential().GetCurrentVersion() >= 4 || time.Now().After(deadline) {
+			break
+		}
+		l, err := e.agent1.AcquireLease(ctx, acquireReq("db/reports", "report-"+strconv.Itoa(i), "read"))
+		require.NoError(t, err)
+		conn, err := pgx.Connect(ctx, l.GetSecret()["dsn"])
+		logins++
+		if err != nil {
+			failed++
+			t.Logf("login as %s failed: %v", l.GetSecret()["user"], err)
+		} else {
+			var n int
+			require.NoError(t, conn.QueryRow(ctx, "SELECT count(*) FROM reports").Scan(&n))
+			conn.Close(ctx)
+		}
+		if len(dsns) == 0 || dsns[len(dsns)-1] != l.GetSecret()["dsn"] {
+			dsns = append(dsns, l.GetSecret()["dsn"])
+		}
+		_, err = e.agent1.ReleaseLease(ctx, &leaseholdv1.ReleaseLeaseRequest{LeaseId: l.GetLease().GetId()})
+		require.NoError(t, err)
+		time.Sleep(20 * time.Millisecond)
+	}
+	cred, err := e.admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: "db/reports"})
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, cred.GetCredential().GetCurrentVersion(), uint64(4), "three rotations: %v", cred.GetCredential().GetRotationState())
+	require.Zero(t, failed, "no failed login in %d across the rotations", logins)
+	require.GreaterOrEqual(t, len(dsns), 3, "the agent got the new passwords with no change on its side")
+
+	// The first password's overlap is long over: it no longer logs in.
+	_, err = pgx.Connect(ctx, dsns[0])
+	require.Error(t, err, "a retired password does not log in")
+
+	e.stop()
+	require.NotContains(t, e.logs.String(), "CANARY-initial-app-pw")
 }

@@ -63,6 +63,9 @@ func fakeUpstreamRotator(dir, verb string) int {
 		}
 		fmt.Printf(`{"secret": {"api_key": %q}}`, key)
 	case "verify":
+		if exists("slow-verify") {
+			time.Sleep(30 * time.Second) // the broker goes away while verifying
+		}
 		if exists("fail-verify") {
 			fmt.Fprintf(os.Stderr, "upstream refused %s\n", req.Next["api_key"]) // the broker must scrub this
 			return 1
@@ -270,4 +273,29 @@ func TestRotationResumesAfterRestart(t *testing.T) {
 	l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/api", "after", "read"))
 	require.NoError(t, err)
 	require.Equal(t, string(key), l.GetSecret()["api_key"])
+}
+
+// A crash while verifying resumes with the stored pending version (nothing
+// is created again), and a crash during the overlap still retires the
+// previous version once its time is up.
+func TestRotationResumesAtEachPhase(t *testing.T) {
+	e := newEnv(t, noQuotas, func(c *server.Config) { c.RotationPoll = 50 * time.Millisecond })
+	u := rotatorSetup(t, e, &leaseholdv1.RotationPolicy{Interval: durationpb.New(500 * time.Millisecond), Overlap: durationpb.New(2 * time.Second)})
+	phase := func() leaseholdv1.RotationState_Phase { return credentialState(t, e).GetRotationState().GetPhase() }
+
+	u.flag("slow-verify", true)
+	require.Eventually(t, func() bool { return phase() == leaseholdv1.RotationState_PHASE_VERIFYING }, 20*time.Second, 20*time.Millisecond)
+	e.stop() // mid-verify
+	u.flag("slow-verify", false)
+	e.start()
+	require.Eventually(t, func() bool { return phase() == leaseholdv1.RotationState_PHASE_OVERLAP }, 20*time.Second, 20*time.Millisecond,
+		"verify resumed and the pending version was promoted")
+	require.Equal(t, 1, u.count("ids"), "the resumed rotation did not create again")
+	require.True(t, u.valid("key-initial"), "still in its overlap")
+
+	e.stop() // mid-overlap
+	time.Sleep(2500 * time.Millisecond)
+	e.start()
+	require.Eventually(t, func() bool { return !u.valid("key-initial") }, 20*time.Second, 20*time.Millisecond,
+		"after the restart the overdue previous version is retired")
 }

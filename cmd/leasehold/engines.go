@@ -54,5 +54,6 @@ func newBackends() (r *backends.Registry, close func()) {
 	r.Register(exec.Name, exec.Backend{})
 	pg := postgres.New()
 	r.Register(postgres.Name, pg)
+	r.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: pg})
 	return r, pg.Close
 }
