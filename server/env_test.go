@@ -172,6 +172,7 @@ func (e *env) start() {
 	}
 	e.store.Store = b
 	e.metrics = sdkmetric.NewManualReader() // a reader belongs to one provider
+	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}
 	reg := backends.NewRegistry()
 	reg.Register(static.Name, static.Backend{})
 	reg.Register("recording", recorder)
@@ -179,7 +180,7 @@ func (e *env) start() {
 	reg.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: e.pg})
 	reg.Register(oauth2.Name, &oauth2.Backend{})
 	reg.Register(exec.Name, exec.Backend{})
-	brokerSrc := identity.StaticSource{SVID: e.svid("spiffe://leasehold.test/leasehold/broker", identity.SVIDOptions{}), Bundle: e.ca.Bundle()}
+	reg.Register(exec.WebhookName, exec.Webhook{ClientCertificate: identity.ClientCertificate(brokerSrc)})
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,
 		Credentials:    identity.ServerCredentials(brokerSrc, td),

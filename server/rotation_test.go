@@ -3,10 +3,15 @@ package server_test
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -298,4 +303,81 @@ func TestRotationResumesAtEachPhase(t *testing.T) {
 	e.start()
 	require.Eventually(t, func() bool { return !u.valid("key-initial") }, 20*time.Second, 20*time.Millisecond,
 		"after the restart the overdue previous version is retired")
+}
+
+// The webhook rotator: the same contract over HTTPS, the broker presenting
+// its own SVID (mTLS) to an endpoint that requires it.
+func TestWebhookRotatorOverMTLS(t *testing.T) {
+	e := newEnv(t, noQuotas)
+	valid := map[string]bool{"key-initial": true}
+	var mu sync.Mutex
+	var callers []string
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		callers = append(callers, r.TLS.PeerCertificates[0].URIs[0].String())
+		var req struct {
+			RotationID string            `json:"rotation_id"`
+			Secret     map[string]string `json:"secret"`
+			Next       map[string]string `json:"next"`
+			Old        map[string]string `json:"old"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		switch r.URL.Path {
+		case "/rotate/create":
+			key := "key-" + req.RotationID
+			valid[key] = true
+			fmt.Fprintf(w, `{"secret": {"api_key": %q}}`, key)
+		case "/rotate/verify":
+			if !valid[req.Next["api_key"]] {
+				http.Error(w, "not valid", http.StatusConflict)
+			}
+		case "/rotate/retire":
+			delete(valid, req.Old["api_key"])
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	pool := x509.NewCertPool()
+	for _, c := range e.ca.Bundle().X509Authorities() {
+		pool.AddCert(c)
+	}
+	srv.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool}
+	srv.StartTLS()
+	defer srv.Close()
+	caFile := filepath.Join(t.TempDir(), "webhook-ca.pem")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600))
+
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "crm/api", Backend: "webhook",
+		Config: map[string]string{"url": srv.URL + "/rotate", "ca_file": caFile}, Secret: map[string]string{"api_key": "key-initial"},
+		Rotation: &leaseholdv1.RotationPolicy{Overlap: durationpb.New(time.Millisecond)}})
+	require.NoError(t, err)
+	e.grant("crm/api", agent1ID, "read")
+	resp, err := e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/api"})
+	require.NoError(t, err)
+	require.Equal(t, uint64(2), resp.GetCredential().GetCurrentVersion())
+	l, err := e.agent1.AcquireLease(ctx, acquireReq("crm/api", "t", "read"))
+	require.NoError(t, err)
+	require.True(t, strings.HasPrefix(l.GetSecret()["api_key"], "key-rot_"))
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return !valid["key-initial"]
+	}, 10*time.Second, 20*time.Millisecond, "the overlap passed and the old key was retired through the webhook")
+	mu.Lock()
+	defer mu.Unlock()
+	for _, c := range callers {
+		require.Equal(t, "spiffe://leasehold.test/leasehold/broker", c, "the webhook saw the broker's SVID")
+	}
+
+	// Without the broker's certificate the endpoint refuses: the rotation
+	// fails and the current version stays.
+	_, err = e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "crm/other", Backend: "webhook",
+		Config: map[string]string{"url": srv.URL + "/rotate"}, Secret: map[string]string{"api_key": "k"}})
+	require.NoError(t, err)
+	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/other"})
+	requireCode(t, err, codes.FailedPrecondition, "failed at create") // unknown server CA without ca_file
 }

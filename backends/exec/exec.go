@@ -115,11 +115,17 @@ func (b Backend) Create(ctx context.Context, spec backends.Spec, rotationID stri
 	if err != nil {
 		return nil, err
 	}
+	return decodeCreated(out)
+}
+
+// decodeCreated reads a rotator's answer to create: {"secret": {...}}.
+func decodeCreated(out []byte) (map[string][]byte, error) {
+	defer clear(out)
 	var resp struct {
 		Secret map[string]string `json:"secret"`
 	}
 	if err := json.Unmarshal(out, &resp); err != nil || len(resp.Secret) == 0 {
-		return nil, fmt.Errorf("%w: rotator create: standard output is not {\"secret\": {...}}", backends.ErrUpstreamRejected)
+		return nil, fmt.Errorf("%w: rotator create: the answer is not {\"secret\": {...}}", backends.ErrUpstreamRejected)
 	}
 	next := make(map[string][]byte, len(resp.Secret))
 	for k, v := range resp.Secret {

@@ -9,6 +9,7 @@ import (
 	"github.com/leasehold/leasehold/backends/oauth2"
 	"github.com/leasehold/leasehold/backends/postgres"
 	"github.com/leasehold/leasehold/backends/static"
+	"github.com/leasehold/leasehold/identity"
 	"github.com/leasehold/leasehold/server"
 	"github.com/leasehold/leasehold/server/auditsink"
 	"github.com/leasehold/leasehold/store"
@@ -46,12 +47,14 @@ func newSinks(cfgs []SinkConfig) []server.AuditSink {
 }
 
 // newBackends registers every backend this build serves; close releases
-// their connections.
-func newBackends() (r *backends.Registry, close func()) {
+// their connections. self is the broker's identity, presented to rotation
+// webhooks.
+func newBackends(self identity.Source) (r *backends.Registry, close func()) {
 	r = backends.NewRegistry()
 	r.Register(static.Name, static.Backend{})
 	r.Register(oauth2.Name, &oauth2.Backend{})
 	r.Register(exec.Name, exec.Backend{})
+	r.Register(exec.WebhookName, exec.Webhook{ClientCertificate: identity.ClientCertificate(self)})
 	pg := postgres.New()
 	r.Register(postgres.Name, pg)
 	r.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: pg})

@@ -112,7 +112,7 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		}
 	}()
 
-	reg, closeBackends := newBackends()
+	reg, closeBackends := newBackends(src)
 	defer closeBackends()
 	srv, err := server.New(server.Config{
 		TrustDomain: td, Admins: admins,
