@@ -114,7 +114,7 @@ func (w Webhook) client(spec backends.Spec) (*http.Client, error) {
 	if path := spec.Config["ca_file"]; path != "" {
 		pem, err := os.ReadFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("%w: config.ca_file: %v", backends.ErrInvalidConfig, err)
+			return nil, fmt.Errorf("%w: config.ca_file: %w", backends.ErrInvalidConfig, err)
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
