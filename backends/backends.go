@@ -115,6 +115,14 @@ type TwoPhaseRotator interface {
 	Retire(ctx context.Context, spec Spec, old map[string][]byte) error
 }
 
+// LeaseIndependent is implemented by backends whose leases do not hold the
+// stored secret (PostgreSQL: each lease is its own role; the stored admin
+// password only creates them). Rotating such a credential neither tells nor
+// ends the leases issued from the previous version.
+type LeaseIndependent interface {
+	LeasesIndependentOfSecret() bool
+}
+
 // Rotator is implemented by backends whose stored secret can be replaced
 // upstream, e.g. a database admin password. Leases issued before a rotation
 // keep working.

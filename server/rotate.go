@@ -9,13 +9,13 @@ import (
 	"github.com/leasehold/leasehold/store"
 )
 
-// RotateCredential asks the backend for a new secret, makes it take effect
-// upstream, and stores it as the credential's new version. If the store
-// write fails, the upstream change is undone.
-//
-// A crash between the upstream change and the store write leaves the
-// stored secret stale; scheduled two-phase rotation (a persisted pending
-// version, resumed on restart) is the rotation work's to add.
+// RotateCredential rotates a credential now. Backends that rotate in two
+// phases (postgres, postgres-static-role, exec, webhook) go through the
+// persisted, resumable engine in rotation.go. For a backend that only
+// implements backends.Rotator, the single step below asks for a new secret,
+// makes it take effect upstream, and stores it as the credential's new
+// version; if the store write fails, the upstream change is undone (a crash
+// between the two leaves the stored secret stale).
 func (a *adminService) RotateCredential(ctx context.Context, req *leaseholdv1.RotateCredentialRequest) (*leaseholdv1.RotateCredentialResponse, error) {
 	s := a.s
 	name := req.GetName()

@@ -125,6 +125,17 @@ func (s *Server) advanceRotation(ctx context.Context, name string, start bool) e
 	}
 }
 
+// leasesHoldSecret reports whether leases of c carry its stored secret
+// (and so must hear of a rotation and end with their version).
+func (s *Server) leasesHoldSecret(c *store.Credential) bool {
+	b, err := s.backends.Lookup(c.Backend)
+	if err != nil {
+		return true
+	}
+	li, ok := b.(backends.LeaseIndependent)
+	return !ok || !li.LeasesIndependentOfSecret()
+}
+
 func (s *Server) rotationTarget(ctx context.Context, name string) (*store.Credential, backends.TwoPhaseRotator, error) {
 	var c *store.Credential
 	if err := s.store.View(ctx, func(tx store.ReadTx) error {
@@ -256,9 +267,13 @@ func (s *Server) verifyAndPromote(ctx context.Context, c *store.Credential, rot 
 		return s.rotationFailed(ctx, c.Name, "verify", err)
 	}
 	keys := slices.Sorted(maps.Keys(next.Secret))
+	holdSecret := s.leasesHoldSecret(c)
 	overlap := defaultRotationOverlap
-	if c.Rotation != nil {
+	switch {
+	case c.Rotation != nil:
 		overlap = c.Rotation.Overlap
+	case !holdSecret:
+		overlap = 0 // no lease holds the old version: nothing to wait for
 	}
 	now := s.now()
 	retireAt := now.Add(overlap)
@@ -273,6 +288,9 @@ func (s *Server) verifyAndPromote(ctx context.Context, c *store.Credential, rot 
 		c.RotationState = store.RotationState{Phase: store.RotationOverlap, ID: st.ID, PreviousVersion: prev, RetireAt: retireAt,
 			LastRotated: c.RotationState.LastRotated, NextDue: c.RotationState.NextDue}
 		// Holders of the previous version hear of it (WatchLeases: rotated).
+		if !holdSecret {
+			return nil
+		}
 		leases, err := tx.ListLeases(store.LeaseFilter{Credential: c.Name, ActiveOnly: true}, "", 0)
 		if err != nil {
 			return err
@@ -295,10 +313,14 @@ func (s *Server) verifyAndPromote(ctx context.Context, c *store.Credential, rot 
 func (s *Server) retirePrevious(ctx context.Context, c *store.Credential, rot backends.TwoPhaseRotator) error {
 	st := c.RotationState
 	now := s.now()
+	holdSecret := s.leasesHoldSecret(c)
 	// First no lease holds the previous version any more...
 	err := s.updateRotation(ctx, c.Name, &store.AuditRecord{Event: store.EventCredentialRotate,
 		Reason: fmt.Sprintf("rotation %s: overlap over; leases holding version %d ended", st.ID, st.PreviousVersion)},
 		func(tx store.Tx, c *store.Credential) error {
+			if !holdSecret {
+				return nil // the leases are independent of the stored secret
+			}
 			leases, err := tx.ListLeases(store.LeaseFilter{Credential: c.Name, ActiveOnly: true}, "", 0)
 			if err != nil {
 				return err

@@ -28,6 +28,7 @@ package postgres
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -523,3 +524,62 @@ DROP ROLE %[2]s;`, int64(catalogLock), ident, quoteLiteral(role))
 	}
 	return nil
 }
+
+// LeasesIndependentOfSecret implements backends.LeaseIndependent: a lease
+// is its own role; rotating the admin password leaves it alone.
+func (b *Backend) LeasesIndependentOfSecret() bool { return true }
+
+// Two-phase rotation of the admin password (rotate-root) on the broker's
+// schedule. One role cannot have two passwords, so there is no overlap
+// upstream: Create replaces the password, Verify logs in with it, Retire has
+// nothing left to do. What makes it safe is that Create derives the new
+// password from the current one and the rotation id: a broker that crashed
+// after the ALTER ROLE and before storing the result finds, on resume, that
+// the stored password no longer logs in, derives the same new one, and
+// continues with it.
+
+var _ backends.TwoPhaseRotator = (*Backend)(nil)
+
+func derivePassword(current, rotationID string) string {
+	m := hmac.New(sha256.New, []byte(current))
+	m.Write([]byte("leasehold/rotate-root/" + rotationID))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// Create implements backends.TwoPhaseRotator.
+func (b *Backend) Create(ctx context.Context, spec backends.Spec, rotationID string) (map[string][]byte, error) {
+	c, err := parse(spec)
+	if err != nil {
+		return nil, err
+	}
+	next := derivePassword(c.adminPassword, rotationID)
+	nextSpec := backends.Spec{Name: spec.Name, Config: spec.Config, Secret: map[string][]byte{"admin_password": []byte(next)}}
+	err = b.Rotate(ctx, spec, nextSpec.Secret)
+	if err == nil {
+		return nextSpec.Secret, nil
+	}
+	// Resumed after the ALTER ROLE already ran: the new password works.
+	if verr := b.Verify(ctx, spec, nextSpec.Secret); verr == nil {
+		return nextSpec.Secret, nil
+	}
+	return nil, err
+}
+
+// Verify implements backends.TwoPhaseRotator: log in with the new password.
+func (b *Backend) Verify(ctx context.Context, spec backends.Spec, next map[string][]byte) error {
+	c, err := parse(backends.Spec{Name: spec.Name, Config: spec.Config, Secret: next})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, c.dsn(c.adminUser, c.adminPassword))
+	if err != nil {
+		return upstream(err, c, "log in with the new admin password")
+	}
+	return conn.Close(context.Background())
+}
+
+// Retire implements backends.TwoPhaseRotator: the old admin password
+// stopped working when Create replaced it.
+func (b *Backend) Retire(context.Context, backends.Spec, map[string][]byte) error { return nil }

@@ -215,3 +215,32 @@ func TestPasswordsNeverReachTheServerLog(t *testing.T) {
 	require.NotContains(t, log, string(got.Secret["password"]))
 	require.NotContains(t, log, string(next["admin_password"]))
 }
+
+// Rotate-root in two phases: Create replaces the admin password with one
+// derived from the current password and the rotation id, so a broker that
+// crashed after the ALTER ROLE and resumes with the stored (old) password
+// gets the same new one; Verify logs in with it; the old one is dead.
+func TestRotateRootCreateIsResumable(t *testing.T) {
+	c, spec := setup(t)
+	b := postgres.New()
+	defer b.Close()
+	ctx := context.Background()
+	next, err := b.Create(ctx, spec, "rot_1")
+	require.NoError(t, err)
+	require.NoError(t, b.Verify(ctx, spec, next))
+	_, err = pgx.Connect(ctx, c.DSN("leasehold_admin", adminPassword))
+	require.Error(t, err, "the old admin password no longer logs in")
+
+	// The crash: the broker never stored next and resumes with spec.
+	again, err := b.Create(ctx, spec, "rot_1")
+	require.NoError(t, err)
+	require.Equal(t, string(next["admin_password"]), string(again["admin_password"]), "the same rotation yields the same password")
+	require.NoError(t, b.Verify(ctx, spec, again))
+	require.NoError(t, b.Retire(ctx, spec, spec.Secret))
+
+	// The new password runs the backend as before.
+	newSpec := backends.Spec{Name: spec.Name, Config: spec.Config, Secret: next}
+	got, err := b.Issue(ctx, backends.IssueRequest{Spec: newSpec, LeaseID: leaseID(77), Scopes: []string{"read"}, ExpiresAt: time.Now().Add(time.Minute)})
+	require.NoError(t, err)
+	require.NoError(t, b.Revoke(ctx, backends.LeaseRef{Spec: newSpec, LeaseID: leaseID(77), Artifact: got.Artifact}))
+}
