@@ -2,6 +2,9 @@ package server_test
 
 import (
 	"context"
+	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -10,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/leasehold/leasehold/backends/postgres/pgtest"
@@ -323,6 +327,25 @@ func TestPostgresStaticRoleRotation(t *testing.T) {
 	_, err = pgx.Connect(ctx, dsns[0])
 	require.Error(t, err, "a retired password does not log in")
 
+	// No password — the initial one or any the rotations made — in the
+	// audit trail, the log or the store file.
+	audit, err := protojson.Marshal(&leaseholdv1.QueryAuditResponse{Records: e.audit(nil)})
+	require.NoError(t, err)
 	e.stop()
-	require.NotContains(t, e.logs.String(), "CANARY-initial-app-pw")
+	db, err := os.ReadFile(filepath.Join(e.dir, "leasehold.db"))
+	require.NoError(t, err)
+	passwords := []string{"CANARY-initial-app-pw", pgAdminPassword}
+	for _, dsn := range dsns {
+		u, err := url.Parse(dsn)
+		require.NoError(t, err)
+		pw, _ := u.User.Password()
+		passwords = append(passwords, pw)
+	}
+	for _, pw := range passwords {
+		for where, text := range map[string]string{"audit": string(audit), "log": e.logs.String(), "store file": string(db)} {
+			if strings.Contains(text, pw) {
+				t.Errorf("a password (%.6s…) appears in the %s", pw, where)
+			}
+		}
+	}
 }
