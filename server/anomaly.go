@@ -61,6 +61,11 @@ func taskAnomaly(tx store.ReadTx, agent, task, credential string) (*anomaly, err
 	return nil, nil
 }
 
+// anomalyError carries an anomaly found at commit out of the transaction.
+type anomalyError struct{ a *anomaly }
+
+func (e *anomalyError) Error() string { return "anomaly: credential outside the task's expected set" }
+
 func (a *anomaly) denial(task, credential string) error {
 	return errDenied("anomaly: task %s was expected to use only %s (grant %s); %s is outside that set",
 		task, strings.Join(a.expected, ", "), a.grant.ID, credential)

@@ -379,6 +379,13 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 		if err := s.checkQuotas(tx, agent, lease.TaskID); err != nil {
 			return err
 		}
+		// A concurrent acquire in the same task may have committed a lease
+		// under a grant that expects other credentials.
+		if a, err := taskAnomaly(tx, agent, lease.TaskID, lease.Credential); err != nil {
+			return err
+		} else if a != nil {
+			return &anomalyError{a}
+		}
 		if err := tx.PutLease(lease); err != nil {
 			return err
 		}
@@ -392,6 +399,10 @@ func (s *Server) acquire(ctx context.Context, caller spiffeid.ID, req *leasehold
 	if err != nil {
 		// Nothing durable says this artifact exists: destroy it now.
 		s.revokeNow(ctx, lease, issued.Artifact, spec)
+		var an *anomalyError
+		if errors.As(err, &an) {
+			return nil, s.denyAnomaly(ctx, rec, an.a, an.a.denial(lease.TaskID, lease.Credential))
+		}
 		var ae *apiError
 		if errors.As(err, &ae) && (ae.code == codes.PermissionDenied || ae.code == codes.ResourceExhausted) {
 			return nil, s.deny(ctx, rec, err)
