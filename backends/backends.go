@@ -10,6 +10,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"slices"
 	"sort"
 	"strings"
@@ -186,4 +188,31 @@ func SubsetOf(want, have []string) bool {
 		}
 	}
 	return true
+}
+
+// CheckEndpointURL checks a URL the broker will send secrets or requests
+// to: https, or http only to a loopback host (a local test server or a
+// sidecar), so nothing crosses a network in clear text. An empty raw is
+// refused when required. Errors wrap ErrInvalidConfig and name field.
+func CheckEndpointURL(field, raw string, required bool) error {
+	if raw == "" {
+		if required {
+			return fmt.Errorf("%w: %s: is required", ErrInvalidConfig, field)
+		}
+		return nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%w: %s: not an absolute URL", ErrInvalidConfig, field)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if ip := net.ParseIP(u.Hostname()); (ip != nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
+			return nil
+		}
+		return fmt.Errorf("%w: %s: http is allowed only to a loopback host; use https", ErrInvalidConfig, field)
+	}
+	return fmt.Errorf("%w: %s: scheme must be https", ErrInvalidConfig, field)
 }

@@ -27,3 +27,20 @@ func TestSubsetOf(t *testing.T) {
 	require.False(t, backends.SubsetOf([]string{"a", "c"}, []string{"a", "b"}))
 	require.False(t, backends.SubsetOf([]string{"a"}, nil))
 }
+
+func TestCheckEndpointURL(t *testing.T) {
+	for raw, ok := range map[string]bool{
+		"https://auth.example.com/token": true, "http://127.0.0.1:4444/token": true, "http://localhost/x": true, "http://[::1]:80/": true,
+		"http://auth.example.com/token": false, "ftp://x/y": false, "/relative": false, "https://": false,
+	} {
+		err := backends.CheckEndpointURL("config.url", raw, true)
+		if ok {
+			require.NoError(t, err, raw)
+		} else {
+			require.ErrorIs(t, err, backends.ErrInvalidConfig, raw)
+			require.ErrorContains(t, err, "config.url", raw)
+		}
+	}
+	require.ErrorContains(t, backends.CheckEndpointURL("config.url", "", true), "is required")
+	require.NoError(t, backends.CheckEndpointURL("config.url", "", false))
+}

@@ -161,7 +161,7 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("at least one admin SPIFFE ID is required"))
 	}
 	if c.AnomalyWebhookURL != "" {
-		if err := checkWebhookURL(c.AnomalyWebhookURL); err != nil {
+		if err := backends.CheckEndpointURL("anomaly webhook URL", c.AnomalyWebhookURL, true); err != nil {
 			errs = append(errs, fmt.Errorf("anomaly webhook: %w", err))
 		}
 	}

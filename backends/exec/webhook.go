@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -50,18 +49,8 @@ func (w Webhook) Validate(spec backends.Spec) error {
 			return fmt.Errorf("%w: config.%s: unknown setting (valid: url, ca_file, timeout)", backends.ErrInvalidConfig, k)
 		}
 	}
-	u, err := url.Parse(spec.Config["url"])
-	if err != nil || u.Host == "" {
-		return fmt.Errorf("%w: config.url: the rotator endpoint's absolute URL is required", backends.ErrInvalidConfig)
-	}
-	switch u.Scheme {
-	case "https":
-	case "http":
-		if ip := net.ParseIP(u.Hostname()); (ip == nil || !ip.IsLoopback()) && u.Hostname() != "localhost" {
-			return fmt.Errorf("%w: config.url: http only to a loopback host; use https", backends.ErrInvalidConfig)
-		}
-	default:
-		return fmt.Errorf("%w: config.url: scheme must be https", backends.ErrInvalidConfig)
+	if err := backends.CheckEndpointURL("config.url", spec.Config["url"], true); err != nil {
+		return err
 	}
 	if _, err := timeout(spec); err != nil {
 		return err

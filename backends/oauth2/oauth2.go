@@ -120,10 +120,10 @@ func parse(spec backends.Spec) (*config, error) {
 	}
 	c := &config{tokenURL: spec.Config["token_url"], revocationURL: spec.Config["revocation_url"], audience: spec.Config["audience"],
 		scopes: strings.Fields(spec.Config["scopes"])}
-	if err := checkURL("config.token_url", c.tokenURL, true); err != nil {
+	if err := backends.CheckEndpointURL("config.token_url", c.tokenURL, true); err != nil {
 		return nil, err
 	}
-	if err := checkURL("config.revocation_url", c.revocationURL, false); err != nil {
+	if err := backends.CheckEndpointURL("config.revocation_url", c.revocationURL, false); err != nil {
 		return nil, err
 	}
 	if len(c.scopes) == 0 {
@@ -206,31 +206,6 @@ func (c *config) tokenRequest(scopes []string, extra url.Values) (*clientcredent
 		cc.EndpointParams.Set("client_assertion", a)
 	}
 	return cc, nil
-}
-
-// checkURL accepts https URLs, and http only to a loopback host (a local
-// test server or a sidecar); tokens never cross a network in clear text.
-func checkURL(field, raw string, required bool) error {
-	if raw == "" {
-		if required {
-			return fmt.Errorf("%w: %s: is required", backends.ErrInvalidConfig, field)
-		}
-		return nil
-	}
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" {
-		return fmt.Errorf("%w: %s: not an absolute URL", backends.ErrInvalidConfig, field)
-	}
-	switch u.Scheme {
-	case "https":
-		return nil
-	case "http":
-		if ip := net.ParseIP(u.Hostname()); (ip != nil && ip.IsLoopback()) || u.Hostname() == "localhost" {
-			return nil
-		}
-		return fmt.Errorf("%w: %s: http is allowed only to a loopback host; use https", backends.ErrInvalidConfig, field)
-	}
-	return fmt.Errorf("%w: %s: scheme must be https", backends.ErrInvalidConfig, field)
 }
 
 // Validate implements backends.Backend.
