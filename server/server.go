@@ -160,6 +160,9 @@ func (c Config) Validate() error {
 	if c.Admins.Len() == 0 {
 		errs = append(errs, errors.New("at least one admin SPIFFE ID is required"))
 	}
+	if c.HandshakeTimeout < 0 {
+		errs = append(errs, errors.New("limits.handshake_timeout must not be negative"))
+	}
 	if c.AnomalyWebhookURL != "" {
 		if err := backends.CheckEndpointURL("anomaly webhook URL", c.AnomalyWebhookURL, true); err != nil {
 			errs = append(errs, fmt.Errorf("anomaly webhook: %w", err))

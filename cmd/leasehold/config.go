@@ -32,6 +32,16 @@ type Config struct {
 	Metrics MetricsConfig `yaml:"metrics"`
 	Log     LogConfig     `yaml:"log"`
 	Anomaly AnomalyConfig `yaml:"anomaly"`
+	Limits  LimitsConfig  `yaml:"limits"`
+}
+
+// LimitsConfig bounds what one connection may hold (0: the defaults).
+type LimitsConfig struct {
+	// HandshakeTimeout closes connections that have not finished their TLS
+	// handshake by then (default 10s).
+	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+	// MaxConcurrentStreams caps concurrent RPCs per connection (default 1000).
+	MaxConcurrentStreams uint32 `yaml:"max_concurrent_streams"`
 }
 
 // AnomalyConfig: where the anomaly guard reports (see grants'

@@ -258,6 +258,9 @@ audit:
       path: %s
 metrics:
   listen: 127.0.0.1:0
+limits:
+  handshake_timeout: 5s
+  max_concurrent_streams: 100
 log:
   format: json
 `, cfg.Identity.CertFile, cfg.Identity.KeyFile, cfg.Identity.BundleFile, filepath.Join(dir, "data", "leasehold.db"), cfg.KEKFile,

@@ -121,6 +121,7 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		RetentionMaxAge: cfg.Audit.Retention.MaxAge, RetentionMaxRecords: cfg.Audit.Retention.MaxRecords,
 		MaxActiveLeasesPerAgent: cfg.Leases.MaxActivePerAgent, MaxLeasesPerTask: cfg.Leases.MaxPerTask,
 		MaxDelegationDepth: cfg.Leases.MaxDelegationDepth, AnomalyWebhookURL: cfg.Anomaly.WebhookURL,
+		HandshakeTimeout: cfg.Limits.HandshakeTimeout, MaxConcurrentStreams: cfg.Limits.MaxConcurrentStreams,
 		AcquireRate: cfg.Leases.AcquireRate, AcquireBurst: cfg.Leases.AcquireBurst,
 	}, server.Deps{
 		Store: st, Backends: reg, Keyring: keyring,
