@@ -8,6 +8,8 @@ import (
 	"slices"
 	"time"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/leasehold/leasehold/backends"
 	"github.com/leasehold/leasehold/store"
 )
@@ -78,7 +80,9 @@ func rotationDue(c *store.Credential, now time.Time) bool {
 	st := c.RotationState
 	switch st.Phase {
 	case store.RotationCreating, store.RotationVerifying:
-		return true // interrupted: resume
+		// Interrupted: resume, at once after a restart, after the backoff
+		// when the upstream was unavailable.
+		return st.NextDue.IsZero() || !now.Before(st.NextDue)
 	case store.RotationOverlap:
 		return !now.Before(st.RetireAt)
 	}
@@ -181,6 +185,7 @@ func (s *Server) beginRotation(ctx context.Context, name string) error {
 	return s.updateRotation(ctx, name, &store.AuditRecord{Event: store.EventCredentialRotate,
 		Reason: "rotation " + id + " started: creating the next version upstream"}, func(_ store.Tx, c *store.Credential) error {
 		c.RotationState.Phase, c.RotationState.ID, c.RotationState.PendingVersion = store.RotationCreating, id, 0
+		c.RotationState.NextDue = time.Time{}
 		return nil
 	})
 }
@@ -212,6 +217,9 @@ func (s *Server) createVersion(ctx context.Context, c *store.Credential, rot bac
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err() // interrupted (shutdown): resume with the same id
+		}
+		if errors.Is(err, backends.ErrUpstreamUnavailable) {
+			return s.rotationPaused(ctx, c.Name, "create", err)
 		}
 		return s.rotationFailed(ctx, c.Name, "create", err)
 	}
@@ -260,6 +268,11 @@ func (s *Server) verifyAndPromote(ctx context.Context, c *store.Credential, rot 
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if errors.Is(err, backends.ErrUpstreamUnavailable) {
+			// Not a verdict on the new version: verify it again later. (For
+			// rotate-root the new password is already the only one.)
+			return s.rotationPaused(ctx, c.Name, "verify", err)
+		}
 		// The new version never served: take it back upstream.
 		if rerr := rot.Retire(ctx, spec, next.Secret); rerr != nil {
 			s.log.Warn("rotation: retiring the unverified version failed", "credential", c.Name, "error", rerr.Error())
@@ -286,7 +299,10 @@ func (s *Server) verifyAndPromote(ctx context.Context, c *store.Credential, rot 
 		prev := c.CurrentVersion
 		c.CurrentVersion, c.SecretKeys, c.UpdatedAt = st.PendingVersion, keys, now
 		c.RotationState = store.RotationState{Phase: store.RotationOverlap, ID: st.ID, PreviousVersion: prev, RetireAt: retireAt,
-			LastRotated: c.RotationState.LastRotated, NextDue: c.RotationState.NextDue}
+			LastRotated: c.RotationState.LastRotated}
+		if c.Rotation != nil && c.Rotation.Interval > 0 {
+			c.RotationState.NextDue = retireAt.Add(c.Rotation.Interval) // the schedule resumes once this one is retired
+		}
 		// Holders of the previous version hear of it (WatchLeases: rotated).
 		if !holdSecret {
 			return nil
@@ -367,6 +383,24 @@ func (s *Server) retirePrevious(ctx context.Context, c *store.Credential, rot ba
 		c.RotationState = store.RotationState{Phase: store.RotationIdle, LastRotated: now, NextDue: next}
 		return nil
 	})
+}
+
+// rotationPaused records that the upstream was unavailable during create or
+// verify: the phase stays, and the same step runs again after the backoff.
+func (s *Server) rotationPaused(ctx context.Context, name, step string, cause error) error {
+	now := s.now()
+	err := s.updateRotation(ctx, name, &store.AuditRecord{Event: store.EventCredentialRotate, Decision: store.Deny, Code: "Unavailable",
+		Reason: fmt.Sprintf("rotation paused at %s, the upstream is unavailable; it resumes at the same step: %v", step, cause)},
+		func(_ store.Tx, c *store.Credential) error {
+			c.RotationState.Failures++
+			c.RotationState.LastError = step + ": " + cause.Error()
+			c.RotationState.NextDue = now.Add(s.backoff(c.RotationState.Failures))
+			return nil
+		})
+	if err != nil {
+		return err
+	}
+	return newAPIError(codes.Unavailable, "rotation of %q paused at %s: the upstream is unavailable; it resumes on its own: %v", name, step, cause)
 }
 
 // rotationFailed records a failed create or verify: the current version

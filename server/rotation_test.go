@@ -381,3 +381,44 @@ func TestWebhookRotatorOverMTLS(t *testing.T) {
 	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/other"})
 	requireCode(t, err, codes.FailedPrecondition, "failed at create") // unknown server CA without ca_file
 }
+
+// An unavailable upstream during verify is not a verdict: the rotation
+// stays at verify and resumes after the backoff with the same new version.
+func TestRotationPausesWhileUpstreamUnavailable(t *testing.T) {
+	e := newEnv(t, noQuotas, func(c *server.Config) {
+		c.RotationPoll, c.RevocationMinBackoff, c.RevocationMaxBackoff = 50*time.Millisecond, 100*time.Millisecond, 200*time.Millisecond
+	})
+	var mu sync.Mutex
+	verifyCalls, creates := 0, 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch r.URL.Path {
+		case "/create":
+			creates++
+			fmt.Fprint(w, `{"secret": {"api_key": "key-next"}}`)
+		case "/verify":
+			verifyCalls++
+			if verifyCalls == 1 {
+				http.Error(w, "upstream busy", http.StatusServiceUnavailable)
+			}
+		}
+	}))
+	defer srv.Close()
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "crm/api", Backend: "webhook",
+		Config: map[string]string{"url": srv.URL}, Secret: map[string]string{"api_key": "key-initial"},
+		Rotation: &leaseholdv1.RotationPolicy{Overlap: durationpb.New(time.Hour)}})
+	require.NoError(t, err)
+	_, err = e.admin.RotateCredential(ctx, &leaseholdv1.RotateCredentialRequest{Name: "crm/api"})
+	requireCode(t, err, codes.Unavailable, "paused at verify")
+	c := credentialState(t, e)
+	require.Equal(t, leaseholdv1.RotationState_PHASE_VERIFYING, c.GetRotationState().GetPhase(), "the pending version is kept")
+	require.Equal(t, uint64(1), c.GetCurrentVersion())
+	require.Eventually(t, func() bool {
+		return credentialState(t, e).GetRotationState().GetPhase() == leaseholdv1.RotationState_PHASE_OVERLAP
+	}, 10*time.Second, 20*time.Millisecond, "the scheduler resumed verify and promoted")
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, 1, creates, "nothing was created again")
+	require.Equal(t, 2, verifyCalls)
+}

@@ -144,6 +144,12 @@ func (w Webhook) post(ctx context.Context, spec backends.Spec, verb string, req 
 		if errors.As(err, &ue) {
 			err = ue.Err // without the URL's query
 		}
+		var cv *tls.CertificateVerificationError
+		if errors.As(err, &cv) {
+			// Not an outage: the endpoint is not who config says to trust.
+			return nil, fmt.Errorf("%w: rotator %s: the endpoint's certificate is not trusted (config.ca_file): %s",
+				backends.ErrUpstreamRejected, verb, scrub(err.Error(), req))
+		}
 		return nil, fmt.Errorf("%w: rotator %s: %s", backends.ErrUpstreamUnavailable, verb, scrub(err.Error(), req))
 	}
 	defer resp.Body.Close()
