@@ -142,3 +142,34 @@ func TestAnomalyGuardDeniesWithoutSuspending(t *testing.T) {
 		Subject: &leaseholdv1.Grant_SpiffeId{SpiffeId: agent2ID}, Credential: "crm/api", Scopes: []string{"read"}, SuspendOnAnomaly: true}})
 	requireCode(t, err, codes.InvalidArgument, "grant.suspend_on_anomaly")
 }
+
+// The guard holds when two acquires race in one task: the database acquire
+// passed the policy check before the CRM lease (whose grant expects only
+// the mailer) existed, but by its commit the CRM lease is there, so the
+// commit refuses it as an anomaly.
+func TestAnomalyGuardRecheckedAtCommit(t *testing.T) {
+	e := newEnv(t, noQuotas)
+	e.putStatic("crm/api", map[string]string{"k": "v"})
+	_, err := e.admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/prod", Backend: "gated", Secret: map[string]string{"k": "v"}})
+	require.NoError(t, err)
+	_, err = e.admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+		Subject: &leaseholdv1.Grant_SpiffeId{SpiffeId: agent1ID}, Credential: "crm/api", Scopes: []string{"read"},
+		ExpectedCredentials: []string{"mail/api"}}})
+	require.NoError(t, err)
+	e.grant("db/prod", agent1ID, "read")
+
+	entered, release := gated.hold()
+	dbErr := make(chan error, 1)
+	go func() {
+		_, err := e.agent1.AcquireLease(ctx, acquireReq("db/prod", "race-1", "read"))
+		dbErr <- err
+	}()
+	<-entered // the database acquire passed its policy check and waits in Issue
+	_, err = e.agent1.AcquireLease(ctx, acquireReq("crm/api", "race-1", "read"))
+	require.NoError(t, err)
+	release()
+	requireCode(t, <-dbErr, codes.PermissionDenied, "anomaly")
+	leases, err := e.admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agent1ID, TaskId: "race-1"})
+	require.NoError(t, err)
+	require.Len(t, leases.GetLeases(), 1, "only the CRM lease was stored")
+}

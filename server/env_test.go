@@ -176,6 +176,7 @@ func (e *env) start() {
 	reg := backends.NewRegistry()
 	reg.Register(static.Name, static.Backend{})
 	reg.Register("recording", recorder)
+	reg.Register("gated", gated)
 	reg.Register(postgres.Name, e.pg)
 	reg.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: e.pg})
 	reg.Register(oauth2.Name, &oauth2.Backend{})
@@ -347,3 +348,47 @@ func (r *recordingBackend) wasRevoked(artifact string) bool {
 func durationMinutes(n int) *durationpb.Duration {
 	return durationpb.New(time.Duration(n) * time.Minute)
 }
+
+// gatedBackend is a static backend whose Issue waits for the test to open
+// its gate, to hold an acquire between its policy check and its commit.
+type gatedBackend struct {
+	mu      sync.Mutex
+	gate    chan struct{}
+	entered chan struct{}
+}
+
+var gated = &gatedBackend{}
+
+// hold makes the next Issue wait; entered is closed when it is waiting,
+// release lets it go.
+func (g *gatedBackend) hold() (entered <-chan struct{}, release func()) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.gate, g.entered = make(chan struct{}), make(chan struct{})
+	gate := g.gate
+	return g.entered, func() { close(gate) }
+}
+
+func (g *gatedBackend) Validate(backends.Spec) error { return nil }
+
+func (g *gatedBackend) Issue(ctx context.Context, req backends.IssueRequest) (*backends.Issued, error) {
+	g.mu.Lock()
+	gate, entered := g.gate, g.entered
+	g.gate, g.entered = nil, nil
+	g.mu.Unlock()
+	if gate != nil {
+		close(entered)
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return static.Backend{}.Issue(ctx, req)
+}
+
+func (g *gatedBackend) Renew(_ context.Context, _ backends.LeaseRef, at time.Time) (time.Time, error) {
+	return at, nil
+}
+
+func (g *gatedBackend) Revoke(context.Context, backends.LeaseRef) error { return nil }
