@@ -9,7 +9,6 @@ package identity
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"io"
 
@@ -84,20 +83,3 @@ func (s AdminSet) IsAdmin(id spiffeid.ID) bool {
 
 // Len is the number of admins.
 func (s AdminSet) Len() int { return len(s.ids) }
-
-// ClientCertificate presents src's current SVID as a TLS client certificate
-// (for plain HTTPS clients, such as a rotation webhook, that should see who
-// is calling): the certificate chain and key as of each handshake.
-func ClientCertificate(src x509svid.Source) func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-	return func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-		svid, err := src.GetX509SVID()
-		if err != nil {
-			return nil, err
-		}
-		chain := make([][]byte, len(svid.Certificates))
-		for i, c := range svid.Certificates {
-			chain[i] = c.Raw
-		}
-		return &tls.Certificate{Certificate: chain, PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}, nil
-	}
-}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -181,7 +182,7 @@ func (e *env) start() {
 	reg.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: e.pg})
 	reg.Register(oauth2.Name, &oauth2.Backend{})
 	reg.Register(exec.Name, exec.Backend{})
-	reg.Register(exec.WebhookName, exec.Webhook{ClientCertificate: identity.ClientCertificate(brokerSrc)})
+	reg.Register(exec.WebhookName, exec.Webhook{ClientCertificate: tlsconfig.GetClientCertificate(brokerSrc)})
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,
 		Credentials:    identity.ServerCredentials(brokerSrc, td),

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"os"
 
 	"github.com/leasehold/leasehold/backends"
@@ -54,7 +55,7 @@ func newBackends(self identity.Source) (r *backends.Registry, close func()) {
 	r.Register(static.Name, static.Backend{})
 	r.Register(oauth2.Name, &oauth2.Backend{})
 	r.Register(exec.Name, exec.Backend{})
-	r.Register(exec.WebhookName, exec.Webhook{ClientCertificate: identity.ClientCertificate(self)})
+	r.Register(exec.WebhookName, exec.Webhook{ClientCertificate: tlsconfig.GetClientCertificate(self)})
 	pg := postgres.New()
 	r.Register(postgres.Name, pg)
 	r.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: pg})
