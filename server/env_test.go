@@ -8,6 +8,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -181,7 +182,7 @@ func (e *env) start() {
 	reg.Register(postgres.Name, e.pg)
 	reg.Register(postgres.StaticRoleName, postgres.StaticRole{Backend: e.pg})
 	reg.Register(oauth2.Name, &oauth2.Backend{})
-	reg.Register(exec.Name, exec.Backend{})
+	reg.Register(exec.Name, exec.Backend{Dir: os.TempDir()}) // the tests' rotators live in t.TempDir()
 	reg.Register(exec.WebhookName, exec.Webhook{ClientCertificate: tlsconfig.GetClientCertificate(brokerSrc)})
 	e.srv, err = server.New(e.cfg, server.Deps{
 		Store: e.store, Backends: reg, Keyring: e.keyr,

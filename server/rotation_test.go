@@ -208,7 +208,16 @@ func TestScheduledTwoPhaseRotation(t *testing.T) {
 	require.NotNil(t, c.GetRotationState().GetLastRotated())
 	require.NotNil(t, c.GetRotationState().GetNextDue())
 	require.Empty(t, c.GetRotationState().GetLastError())
-	recs := e.audit(&leaseholdv1.QueryAuditRequest{Credential: "crm/api"})
+	// Every record of the credential, all pages (the agent made thousands).
+	var recs []*leaseholdv1.AuditRecord
+	for token := ""; ; {
+		resp, err := e.admin.QueryAudit(ctx, &leaseholdv1.QueryAuditRequest{Credential: "crm/api", PageSize: 1000, PageToken: token})
+		require.NoError(t, err)
+		recs = append(recs, resp.GetRecords()...)
+		if token = resp.GetNextPageToken(); token == "" {
+			break
+		}
+	}
 	var phases []string
 	for _, r := range recs {
 		if r.GetEvent() == leaseholdv1.AuditEvent_AUDIT_EVENT_CREDENTIAL_ROTATE {

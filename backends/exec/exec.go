@@ -5,7 +5,9 @@
 //
 // Credential config:
 //
-//	command   absolute path of the rotator program (required)
+//	command   absolute path of the rotator program (required), inside the
+//	          directory the broker's own configuration allows (Dir); a
+//	          credential put over the API cannot name any other program
 //	timeout   per invocation, a Go duration (default 30s)
 //
 // The contract. The broker runs `command create`, `command verify` or
@@ -44,23 +46,28 @@ import (
 const Name = "exec"
 
 // Backend is the exec backend.
-type Backend struct{}
+type Backend struct {
+	// Dir is the only directory rotator programs may be run from (the
+	// broker config's rotators.exec_dir). Empty turns the backend off: an
+	// admin credential must not be enough to run an arbitrary program on
+	// the broker's host.
+	Dir string
+}
 
 var (
 	_ backends.Backend         = Backend{}
 	_ backends.TwoPhaseRotator = Backend{}
 )
 
-// Validate requires a command (absolute path) and a secret.
-func (Backend) Validate(spec backends.Spec) error {
+// Validate requires a command inside Dir and a secret.
+func (b Backend) Validate(spec backends.Spec) error {
 	for k := range spec.Config {
 		if k != "command" && k != "timeout" {
 			return fmt.Errorf("%w: config.%s: unknown setting (valid: command, timeout)", backends.ErrInvalidConfig, k)
 		}
 	}
-	cmd := spec.Config["command"]
-	if cmd == "" || !filepath.IsAbs(cmd) {
-		return fmt.Errorf("%w: config.command: the rotator's absolute path is required", backends.ErrInvalidConfig)
+	if _, err := b.command(spec); err != nil {
+		return err
 	}
 	if _, err := timeout(spec); err != nil {
 		return err
@@ -69,6 +76,30 @@ func (Backend) Validate(spec backends.Spec) error {
 		return fmt.Errorf("%w: secret: at least one field is required", backends.ErrInvalidConfig)
 	}
 	return nil
+}
+
+// command resolves config.command and checks that it lies in Dir, after
+// symbolic links are followed.
+func (b Backend) command(spec backends.Spec) (string, error) {
+	if b.Dir == "" {
+		return "", fmt.Errorf("%w: the exec backend is off: the broker's configuration names no rotators.exec_dir", backends.ErrInvalidConfig)
+	}
+	cmd := spec.Config["command"]
+	if cmd == "" || !filepath.IsAbs(cmd) {
+		return "", fmt.Errorf("%w: config.command: the rotator's absolute path is required", backends.ErrInvalidConfig)
+	}
+	dir, err := filepath.EvalSymlinks(b.Dir)
+	if err != nil {
+		return "", fmt.Errorf("%w: rotators.exec_dir: %w", backends.ErrInvalidConfig, err)
+	}
+	real, err := filepath.EvalSymlinks(cmd)
+	if err != nil {
+		return "", fmt.Errorf("%w: config.command: %w", backends.ErrInvalidConfig, err)
+	}
+	if rel, err := filepath.Rel(dir, real); err != nil || rel == ".." || strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+		return "", fmt.Errorf("%w: config.command: %s is not inside the broker's rotators.exec_dir (%s)", backends.ErrInvalidConfig, cmd, b.Dir)
+	}
+	return real, nil
 }
 
 func timeout(spec backends.Spec) (time.Duration, error) {
@@ -111,7 +142,7 @@ type request struct {
 
 // Create implements backends.TwoPhaseRotator.
 func (b Backend) Create(ctx context.Context, spec backends.Spec, rotationID string) (map[string][]byte, error) {
-	out, err := run(ctx, spec, "create", request{RotationID: rotationID})
+	out, err := b.run(ctx, spec, "create", request{RotationID: rotationID})
 	if err != nil {
 		return nil, err
 	}
@@ -136,13 +167,13 @@ func decodeCreated(out []byte) (map[string][]byte, error) {
 
 // Verify implements backends.TwoPhaseRotator.
 func (b Backend) Verify(ctx context.Context, spec backends.Spec, next map[string][]byte) error {
-	_, err := run(ctx, spec, "verify", request{Next: plain(next)})
+	_, err := b.run(ctx, spec, "verify", request{Next: plain(next)})
 	return err
 }
 
 // Retire implements backends.TwoPhaseRotator.
 func (b Backend) Retire(ctx context.Context, spec backends.Spec, old map[string][]byte) error {
-	_, err := run(ctx, spec, "retire", request{Old: plain(old)})
+	_, err := b.run(ctx, spec, "retire", request{Old: plain(old)})
 	return err
 }
 
@@ -154,7 +185,13 @@ func plain(m map[string][]byte) map[string]string {
 	return out
 }
 
-func run(ctx context.Context, spec backends.Spec, verb string, req request) ([]byte, error) {
+func (b Backend) run(ctx context.Context, spec backends.Spec, verb string, req request) ([]byte, error) {
+	// Checked at every run too: the allowed directory is the broker's
+	// configuration, which may have changed since the credential was put.
+	path, err := b.command(spec)
+	if err != nil {
+		return nil, err
+	}
 	d, err := timeout(spec)
 	if err != nil {
 		return nil, err
@@ -167,7 +204,7 @@ func run(ctx context.Context, spec backends.Spec, verb string, req request) ([]b
 	defer clear(in)
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, spec.Config["command"], verb) //nolint:gosec // the operator's configured rotator
+	cmd := exec.CommandContext(ctx, path, verb) //nolint:gosec // a program in the operator's rotators.exec_dir
 	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
 	cmd.Stdin = bytes.NewReader(in)
 	var stdout, stderr bytes.Buffer

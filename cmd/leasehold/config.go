@@ -26,13 +26,21 @@ type Config struct {
 	Store    StoreConfig    `yaml:"store"`
 	// KEKFile holds the key-encryption key (base64, mode 0600). Keep it out
 	// of the store's directory backups.
-	KEKFile string        `yaml:"kek_file"`
-	Leases  LeaseConfig   `yaml:"leases"`
-	Audit   AuditConfig   `yaml:"audit"`
-	Metrics MetricsConfig `yaml:"metrics"`
-	Log     LogConfig     `yaml:"log"`
-	Anomaly AnomalyConfig `yaml:"anomaly"`
-	Limits  LimitsConfig  `yaml:"limits"`
+	KEKFile  string         `yaml:"kek_file"`
+	Leases   LeaseConfig    `yaml:"leases"`
+	Audit    AuditConfig    `yaml:"audit"`
+	Metrics  MetricsConfig  `yaml:"metrics"`
+	Log      LogConfig      `yaml:"log"`
+	Anomaly  AnomalyConfig  `yaml:"anomaly"`
+	Limits   LimitsConfig   `yaml:"limits"`
+	Rotators RotatorsConfig `yaml:"rotators"`
+}
+
+// RotatorsConfig says which programs the exec backend may run.
+type RotatorsConfig struct {
+	// ExecDir is the only directory rotator programs (exec backend) may be
+	// run from; empty turns the exec backend off.
+	ExecDir string `yaml:"exec_dir"`
 }
 
 // LimitsConfig bounds what one connection may hold (0: the defaults).
@@ -252,6 +260,7 @@ var settings = []setting{
 	{"reaper-interval", "LEASEHOLD_REAPER_INTERVAL", "how often expired leases are ended", dur(func(c *Config) *time.Duration { return &c.Leases.ReaperInterval })},
 	{"audit-deadline", "LEASEHOLD_AUDIT_DEADLINE", "longest wait for a durable audit write", dur(func(c *Config) *time.Duration { return &c.Audit.Deadline })},
 	{"audit-max-age", "LEASEHOLD_AUDIT_MAX_AGE", "remove audit records older than this", dur(func(c *Config) *time.Duration { return &c.Audit.Retention.MaxAge })},
+	{"rotator-exec-dir", "LEASEHOLD_ROTATOR_EXEC_DIR", "directory the exec backend may run rotators from (off when empty)", str(func(c *Config) *string { return &c.Rotators.ExecDir })},
 	{"anomaly-webhook-url", "LEASEHOLD_ANOMALY_WEBHOOK_URL", "URL the anomaly guard POSTs to (off when empty)", str(func(c *Config) *string { return &c.Anomaly.WebhookURL })},
 	{"metrics-listen", "LEASEHOLD_METRICS_LISTEN", "host:port for Prometheus /metrics (off when empty)", str(func(c *Config) *string { return &c.Metrics.Listen })},
 	{"log-level", "LEASEHOLD_LOG_LEVEL", "debug, info, warn or error", str(func(c *Config) *string { return &c.Log.Level })},

@@ -33,6 +33,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	listen := fs.String("listen", "127.0.0.1:8443", "host:port to serve on")
 	tdName := fs.String("trust-domain", "leasehold.dev", "trust domain of the dev CA")
 	traceConsole := fs.Bool("trace-console", false, "print spans to standard error (unless OTEL_TRACES_EXPORTER says otherwise)")
+	execDir := fs.String("rotator-exec-dir", os.Getenv("LEASEHOLD_ROTATOR_EXEC_DIR"), "directory the exec backend may run rotators from (off when empty)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -40,6 +41,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	cfg.Rotators.ExecDir = *execDir
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	traceDefault := "none"

@@ -49,12 +49,12 @@ func newSinks(cfgs []SinkConfig) []server.AuditSink {
 
 // newBackends registers every backend this build serves; close releases
 // their connections. self is the broker's identity, presented to rotation
-// webhooks.
-func newBackends(self identity.Source) (r *backends.Registry, close func()) {
+// webhooks; execDir is where the exec backend may run rotators from.
+func newBackends(self identity.Source, execDir string) (r *backends.Registry, close func()) {
 	r = backends.NewRegistry()
 	r.Register(static.Name, static.Backend{})
 	r.Register(oauth2.Name, &oauth2.Backend{})
-	r.Register(exec.Name, exec.Backend{})
+	r.Register(exec.Name, exec.Backend{Dir: execDir})
 	r.Register(exec.WebhookName, exec.Webhook{ClientCertificate: tlsconfig.GetClientCertificate(self)})
 	pg := postgres.New()
 	r.Register(postgres.Name, pg)

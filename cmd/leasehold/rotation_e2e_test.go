@@ -19,7 +19,7 @@ import (
 func TestScheduledRotationWithTheCLI(t *testing.T) {
 	dir := t.TempDir()
 	dev := filepath.Join(dir, "dev")
-	addr := startDev(t, dir, dev)
+	addr := startDev(t, dir, dev, "LEASEHOLD_ROTATOR_EXEC_DIR="+dir) // rotators may only run from there
 	upstream := filepath.Join(dir, "upstream")
 	require.NoError(t, os.MkdirAll(upstream, 0o700))
 	require.NoError(t, os.WriteFile(filepath.Join(upstream, "k-initial"), nil, 0o600))

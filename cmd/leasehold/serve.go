@@ -112,7 +112,7 @@ func runBroker(ctx context.Context, cfg Config, logOut io.Writer, ready func(add
 		}
 	}()
 
-	reg, closeBackends := newBackends(src)
+	reg, closeBackends := newBackends(src, cfg.Rotators.ExecDir)
 	defer closeBackends()
 	srv, err := server.New(server.Config{
 		TrustDomain: td, Admins: admins,
