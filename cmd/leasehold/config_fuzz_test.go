@@ -3,12 +3,11 @@ package main
 import (
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 )
 
-// A config file, whatever its bytes, is loaded or refused with an error:
-// never a panic, and unknown keys never pass silently.
+// A config file, whatever its bytes, is loaded or refused with an error,
+// never a panic. (Unknown keys are refused: config_test.go.)
 func FuzzConfigFile(f *testing.F) {
 	for _, s := range []string{
 		"listen: 127.0.0.1:8443\ntrust_domain: example.org\nadmins: [spiffe://example.org/admin]\n",
@@ -28,9 +27,6 @@ func FuzzConfigFile(f *testing.F) {
 		if err := loadConfigFile(path, &c); err != nil {
 			return
 		}
-		_ = c.Validate()
-		if strings.Contains(data, "not_a_real_key:") && !strings.Contains(data, "#") {
-			t.Fatalf("unknown key accepted: %q", data)
-		}
+		_ = c.Validate() // and validating what loaded never panics either
 	})
 }

@@ -73,3 +73,17 @@ func TestConfigValidate(t *testing.T) {
 	require.ErrorContains(t, err, "audit.sinks[0]: a file sink needs a path")
 	require.ErrorContains(t, err, `audit.sinks[1]: type "kafka" is unknown`)
 }
+
+// A misspelt key is refused, naming it, rather than silently ignored.
+func TestConfigRefusesUnknownKeys(t *testing.T) {
+	for doc, key := range map[string]string{
+		"listn: 127.0.0.1:1\n":       "listn",
+		"leases:\n  max_tll: 1h\n":   "max_tll",
+		"rotators: {exec-dir: /x}\n": "exec-dir",
+	} {
+		path := filepath.Join(t.TempDir(), "c.yaml")
+		require.NoError(t, os.WriteFile(path, []byte(doc), 0o600))
+		var c Config
+		require.ErrorContains(t, loadConfigFile(path, &c), key, doc)
+	}
+}
