@@ -8,6 +8,7 @@ import (
 	bbolt "go.etcd.io/bbolt"
 
 	"github.com/leasehold/leasehold/store"
+	"github.com/leasehold/leasehold/store/internal/kv"
 )
 
 // Group commit.
@@ -163,5 +164,5 @@ func run(fn func(store.Tx) error, tx *bbolt.Tx) (err error) {
 			err = fmt.Errorf("bolt: update closure panicked: %v", r)
 		}
 	}()
-	return fn(&boltTx{tx: tx})
+	return fn(kv.NewTx(boltTxn{tx}))
 }

@@ -1,4 +1,4 @@
-package bolt
+package kv
 
 import (
 	"bytes"
@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"math"
 	"time"
-
-	bbolt "go.etcd.io/bbolt"
 
 	"github.com/leasehold/leasehold/store"
 )
@@ -20,31 +18,32 @@ type auditHead struct {
 	Time     time.Time `json:"time"`
 }
 
-func (t *boltTx) head() (auditHead, error) { return t.checkpoint(keyAuditHead) }
+func (t *Tx) head() (auditHead, error) { return t.checkpoint(keyAuditHead) }
 
-func (t *boltTx) checkpoint(key []byte) (auditHead, error) {
+func (t *Tx) checkpoint(key []byte) (auditHead, error) {
 	var h auditHead
-	v := t.tx.Bucket(bMeta).Get(key)
+	v := t.b(BMeta).Get(key)
 	if v == nil {
 		return h, nil
 	}
 	if err := json.Unmarshal(v, &h); err != nil {
-		return h, fmt.Errorf("bolt: decode audit head: %w", err)
+		return h, fmt.Errorf("store: decode audit head: %w", err)
 	}
 	return h, nil
 }
 
 // AppendAudit implements store.Tx. Times are made monotonic with the
-// sequence, so a time bound maps to a sequence bound through bAuditByTime and
+// sequence, so a time bound maps to a sequence bound through BAuditByTime and
 // every query walks one index between two sequences. The record is chained
 // to the previous head, and the head is moved to it.
-func (t *boltTx) AppendAudit(r *store.AuditRecord) (uint64, error) {
-	b := t.tx.Bucket(bAudit)
+func (t *Tx) AppendAudit(r *store.AuditRecord) (_ uint64, err error) {
+	defer catch(&err)
+	b := t.b(BAudit)
 	// Records and the time index only ever grow at the end: fill their
 	// pages instead of splitting them half-empty.
-	b.FillPercent = 1
-	t.tx.Bucket(bAuditByTime).FillPercent = 1
-	meta := t.tx.Bucket(bMeta)
+	b.AppendOnly(1)
+	t.b(BAuditByTime).AppendOnly(1)
+	meta := t.b(BMeta)
 	seq, err := b.NextSequence()
 	if err != nil {
 		return 0, err
@@ -81,12 +80,12 @@ func (t *boltTx) AppendAudit(r *store.AuditRecord) (uint64, error) {
 		if err := checkKey("audit index value", v); err != nil {
 			return 0, err
 		}
-		if err := t.tx.Bucket(ix.bucket).Put(idxSeqKey(v, seq), dec); err != nil {
+		if err := t.b(ix.bucket).Put(idxSeqKey(v, seq), dec); err != nil {
 			return 0, err
 		}
 	}
 	tk := binary.BigEndian.AppendUint64(u64(uint64(r.Time.UnixNano())), seq)
-	if err := t.tx.Bucket(bAuditByTime).Put(tk, nil); err != nil {
+	if err := t.b(BAuditByTime).Put(tk, nil); err != nil {
 		return 0, err
 	}
 	return seq, nil
@@ -100,12 +99,12 @@ type auditIndex struct {
 
 // auditIndexes in order of preference for a query: the most selective first.
 var auditIndexes = []auditIndex{
-	{bAuditByTrace, func(r *store.AuditRecord) string { return r.TraceID }, func(q store.AuditQuery) string { return q.TraceID }},
-	{bAuditByLease, func(r *store.AuditRecord) string { return r.LeaseID }, func(q store.AuditQuery) string { return q.LeaseID }},
-	{bAuditByTask, func(r *store.AuditRecord) string { return r.TaskID }, func(q store.AuditQuery) string { return q.TaskID }},
-	{bAuditByAgent, func(r *store.AuditRecord) string { return r.AgentID }, func(q store.AuditQuery) string { return q.AgentID }},
-	{bAuditByCred, func(r *store.AuditRecord) string { return r.Credential }, func(q store.AuditQuery) string { return q.Credential }},
-	{bAuditByDecision, func(r *store.AuditRecord) string { return string(r.Decision) }, func(q store.AuditQuery) string { return string(q.Decision) }},
+	{BAuditByTrace, func(r *store.AuditRecord) string { return r.TraceID }, func(q store.AuditQuery) string { return q.TraceID }},
+	{BAuditByLease, func(r *store.AuditRecord) string { return r.LeaseID }, func(q store.AuditQuery) string { return q.LeaseID }},
+	{BAuditByTask, func(r *store.AuditRecord) string { return r.TaskID }, func(q store.AuditQuery) string { return q.TaskID }},
+	{BAuditByAgent, func(r *store.AuditRecord) string { return r.AgentID }, func(q store.AuditQuery) string { return q.AgentID }},
+	{BAuditByCred, func(r *store.AuditRecord) string { return r.Credential }, func(q store.AuditQuery) string { return q.Credential }},
+	{BAuditByDecision, func(r *store.AuditRecord) string { return string(r.Decision) }, func(q store.AuditQuery) string { return string(q.Decision) }},
 }
 
 func decisionByte(d store.Decision) byte {
@@ -116,25 +115,29 @@ func decisionByte(d store.Decision) byte {
 }
 
 // LastAuditSequence implements store.ReadTx.
-func (t *boltTx) LastAuditSequence() (uint64, error) {
-	return t.tx.Bucket(bAudit).Sequence(), nil
+func (t *Tx) LastAuditSequence() (_ uint64, err error) {
+	defer catch(&err)
+	return t.b(BAudit).Sequence(), nil
 }
 
 // AuditHead implements store.ReadTx.
-func (t *boltTx) AuditHead() (store.AuditCheckpoint, error) {
+func (t *Tx) AuditHead() (_ store.AuditCheckpoint, err error) {
+	defer catch(&err)
 	h, err := t.head()
 	return store.AuditCheckpoint{Sequence: h.Sequence, Hash: h.Hash, Time: h.Time}, err
 }
 
 // AuditFloor implements store.ReadTx.
-func (t *boltTx) AuditFloor() (store.AuditCheckpoint, error) {
+func (t *Tx) AuditFloor() (_ store.AuditCheckpoint, err error) {
+	defer catch(&err)
 	h, err := t.checkpoint(keyAuditFloor)
 	return store.AuditCheckpoint{Sequence: h.Sequence, Hash: h.Hash, Time: h.Time}, err
 }
 
 // PruneAudit implements store.Tx.
-func (t *boltTx) PruneAudit(through uint64, limit int) (int, error) {
-	audit := t.tx.Bucket(bAudit)
+func (t *Tx) PruneAudit(through uint64, limit int) (_ int, err error) {
+	defer catch(&err)
+	audit := t.b(BAudit)
 	c := audit.Cursor()
 	n := 0
 	var last *store.AuditRecord
@@ -145,13 +148,13 @@ func (t *boltTx) PruneAudit(through uint64, limit int) (int, error) {
 		}
 		for _, ix := range auditIndexes {
 			if val := ix.value(&r); val != "" {
-				if err := t.tx.Bucket(ix.bucket).Delete(idxSeqKey(val, r.Sequence)); err != nil {
+				if err := t.b(ix.bucket).Delete(idxSeqKey(val, r.Sequence)); err != nil {
 					return n, err
 				}
 			}
 		}
 		tk := binary.BigEndian.AppendUint64(u64(uint64(r.Time.UnixNano())), r.Sequence)
-		if err := t.tx.Bucket(bAuditByTime).Delete(tk); err != nil {
+		if err := t.b(BAuditByTime).Delete(tk); err != nil {
 			return n, err
 		}
 		if err := c.Delete(); err != nil {
@@ -167,13 +170,13 @@ func (t *boltTx) PruneAudit(through uint64, limit int) (int, error) {
 	if err != nil {
 		return n, err
 	}
-	return n, t.tx.Bucket(bMeta).Put(keyAuditFloor, floor)
+	return n, t.b(BMeta).Put(keyAuditFloor, floor)
 }
 
 // seqAtOrAfter returns the sequence of the first record whose time is at or
 // after at, or ok=false when there is none.
-func (t *boltTx) seqAtOrAfter(at time.Time) (uint64, bool) {
-	k, _ := t.tx.Bucket(bAuditByTime).Cursor().Seek(u64(uint64(at.UnixNano())))
+func (t *Tx) seqAtOrAfter(at time.Time) (uint64, bool) {
+	k, _ := t.b(BAuditByTime).Cursor().Seek(u64(uint64(at.UnixNano())))
 	if k == nil {
 		return 0, false
 	}
@@ -181,7 +184,8 @@ func (t *boltTx) seqAtOrAfter(at time.Time) (uint64, bool) {
 }
 
 // QueryAudit implements store.ReadTx.
-func (t *boltTx) QueryAudit(q store.AuditQuery) ([]*store.AuditRecord, error) {
+func (t *Tx) QueryAudit(q store.AuditQuery) (_ []*store.AuditRecord, err error) {
+	defer catch(&err)
 	lo, hi := uint64(1), uint64(math.MaxUint64) // [lo, hi)
 	if q.AfterSequence != 0 {
 		lo = max(lo, q.AfterSequence+1)
@@ -205,7 +209,7 @@ func (t *boltTx) QueryAudit(q store.AuditQuery) ([]*store.AuditRecord, error) {
 		return nil, nil
 	}
 
-	audit := t.tx.Bucket(bAudit)
+	audit := t.b(BAudit)
 	var out []*store.AuditRecord
 	// visit reports whether to go on.
 	visit := func(seq uint64, dec []byte) (bool, error) {
@@ -240,11 +244,11 @@ func (t *boltTx) QueryAudit(q store.AuditQuery) ([]*store.AuditRecord, error) {
 		}
 	}
 	seqOf := func(k []byte) uint64 { return binary.BigEndian.Uint64(k[len(prefix):]) }
-	var c *bbolt.Cursor
+	var c Cursor
 	if bucket == nil {
 		c = audit.Cursor()
 	} else {
-		c = t.tx.Bucket(bucket).Cursor()
+		c = t.b(bucket).Cursor()
 	}
 	var k, v []byte
 	if q.Ascending {
@@ -265,7 +269,7 @@ func (t *boltTx) QueryAudit(q store.AuditQuery) ([]*store.AuditRecord, error) {
 	return out, nil
 }
 
-func step(c *bbolt.Cursor, ascending bool) ([]byte, []byte) {
+func step(c Cursor, ascending bool) ([]byte, []byte) {
 	if ascending {
 		return c.Next()
 	}
@@ -274,7 +278,7 @@ func step(c *bbolt.Cursor, ascending bool) ([]byte, []byte) {
 
 // seekBefore positions c on the last key strictly below key (and, when
 // prefix is set, still under prefix).
-func seekBefore(c *bbolt.Cursor, key, prefix []byte) ([]byte, []byte) {
+func seekBefore(c Cursor, key, prefix []byte) ([]byte, []byte) {
 	var k, v []byte
 	if k, _ = c.Seek(key); k == nil {
 		k, v = c.Last()
