@@ -429,3 +429,14 @@ func (q AuditQuery) Matches(r *AuditRecord) bool {
 		(q.Start.IsZero() || !r.Time.Before(q.Start)) &&
 		(q.End.IsZero() || r.Time.Before(q.End))
 }
+
+// Elector is implemented by engines that several brokers share. A broker
+// runs its background work (the expiry reaper, the revocation queue,
+// rotation, audit retention and export) only while it leads, so one broker
+// at a time does it; engines one process owns (store/bolt) do not implement it.
+type Elector interface {
+	// Lead blocks until this process leads or ctx ends. The returned
+	// context ends when leadership is lost (or ctx ends); resign gives
+	// leadership up for another process to take.
+	Lead(ctx context.Context) (led context.Context, resign func(), err error)
+}

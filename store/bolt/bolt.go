@@ -145,9 +145,18 @@ func (t boltTxn) Bucket(name []byte) kv.Bucket { return boltBucket{t.tx.Bucket(n
 
 type boltBucket struct{ *bbolt.Bucket }
 
-func (b boltBucket) Cursor() kv.Cursor       { return b.Bucket.Cursor() }
+func (b boltBucket) Cursor() kv.Cursor       { return boltCursor{b.Bucket.Cursor()} }
 func (b boltBucket) KeyN() int               { return b.Stats().KeyN }
 func (b boltBucket) AppendOnly(fill float64) { b.FillPercent = fill }
+
+type boltCursor struct{ *bbolt.Cursor }
+
+func (c boltCursor) SeekBefore(key []byte) ([]byte, []byte) {
+	if k, _ := c.Seek(key); k == nil {
+		return c.Last()
+	}
+	return c.Prev()
+}
 
 func u64(v uint64) []byte {
 	b := make([]byte, 8)

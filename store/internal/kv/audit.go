@@ -193,6 +193,9 @@ func (t *Tx) QueryAudit(q store.AuditQuery) (_ []*store.AuditRecord, err error) 
 	if q.BeforeSequence != 0 {
 		hi = min(hi, q.BeforeSequence)
 	}
+	// Nothing lies above the newest record: starting there lets an engine
+	// that walks backwards in windows start next to it.
+	hi = min(hi, t.b(BAudit).Sequence()+1)
 	if !q.End.IsZero() {
 		if s, ok := t.seqAtOrAfter(q.End); ok {
 			hi = min(hi, s)
@@ -279,12 +282,7 @@ func step(c Cursor, ascending bool) ([]byte, []byte) {
 // seekBefore positions c on the last key strictly below key (and, when
 // prefix is set, still under prefix).
 func seekBefore(c Cursor, key, prefix []byte) ([]byte, []byte) {
-	var k, v []byte
-	if k, _ = c.Seek(key); k == nil {
-		k, v = c.Last()
-	} else {
-		k, v = c.Prev()
-	}
+	k, v := c.SeekBefore(key)
 	if k != nil && len(prefix) > 0 && !bytes.HasPrefix(k, prefix) {
 		return nil, nil
 	}

@@ -48,8 +48,12 @@ type Bucket interface {
 // either end. Delete removes the key under the cursor.
 type Cursor interface {
 	First() (key, value []byte)
-	Last() (key, value []byte)
+	// Seek moves to the first key at or after key.
 	Seek(key []byte) (key2, value []byte)
+	// SeekBefore moves to the last key strictly before key. Walks that
+	// go backwards start with it; the keys they walk end in a big-endian
+	// sequence, which a network engine may use to fetch in windows.
+	SeekBefore(key []byte) (key2, value []byte)
 	Next() (key, value []byte)
 	Prev() (key, value []byte)
 	Delete() error

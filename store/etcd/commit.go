@@ -1,0 +1,244 @@
+package etcd
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leasehold/leasehold/store"
+	"github.com/leasehold/leasehold/store/internal/kv"
+)
+
+// Group commit with optimistic concurrency.
+//
+// Every Update is handed to one writer goroutine, which takes the first
+// waiting call at once and then everything queued behind it (as the bbolt
+// engine does), runs their closures one after the other on one snapshot,
+// and commits their writes in one etcd Txn whose compare on the commit key
+// fails if any broker committed since the snapshot. On that conflict the
+// whole group runs again on a fresh snapshot; closures may run more than
+// once (store.Store.Update says so).
+//
+// A closure that fails leaves partial writes in the shared buffer, so the
+// group is thrown away: a failure of the first closure is its answer, and
+// the others run again without it. A group whose writes outgrow the Txn
+// limits is cut before the closure that overflowed it.
+//
+// An etcd request that fails (a member died, a timeout) may still have been
+// applied. Each Txn also writes a marker key owned by this writer, holding
+// the Txn's id; after such a failure the writer reads the marker to learn
+// whether the Txn took effect, so a caller is never told that a commit
+// failed when it happened, nor the reverse.
+
+// maxBatch bounds the calls in one group.
+const maxBatch = 256
+
+// ErrTxnTooLarge is returned by an Update whose writes alone exceed the
+// configured MaxTxnOps or MaxRequestBytes.
+var ErrTxnTooLarge = errors.New("etcd: transaction too large")
+
+type call struct {
+	fn   func(store.Tx) error
+	done chan error
+}
+
+// CommitStats counts the writer's work since Open.
+type CommitStats struct {
+	Calls     uint64 // Update calls answered
+	Commits   uint64 // etcd Txns that applied
+	Conflicts uint64 // Txns refused because another commit came first
+	Unknown   uint64 // Txns whose outcome had to be read back after an error
+}
+
+type commitCounters struct{ calls, commits, conflicts, unknown atomic.Uint64 }
+
+// CommitStats reports the writer's counters.
+func (s *Store) CommitStats() CommitStats {
+	return CommitStats{Calls: s.stats.calls.Load(), Commits: s.stats.commits.Load(),
+		Conflicts: s.stats.conflicts.Load(), Unknown: s.stats.unknown.Load()}
+}
+
+// Update implements store.Store. It returns once a quorum of etcd members
+// holds fn's writes, or with fn's own error.
+func (s *Store) Update(ctx context.Context, fn func(store.Tx) error) error {
+	if s.closed.Load() {
+		return store.ErrClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c := &call{fn: fn, done: make(chan error, 1)}
+	select {
+	case s.queue <- c:
+	case <-s.quit:
+		return store.ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return <-c.done
+}
+
+func (s *Store) writer() {
+	defer close(s.writerDone)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { <-s.quit; cancel() }()
+	marker := s.prefix + "writers/" + randomID()
+	batch := make([]*call, 0, maxBatch)
+	for {
+		select {
+		case c := <-s.queue:
+			batch = append(batch[:0], c)
+		case <-s.quit:
+			s.dropMarker(marker)
+			return
+		}
+	gather:
+		for len(batch) < maxBatch {
+			select {
+			case c := <-s.queue:
+				batch = append(batch, c)
+			default:
+				break gather
+			}
+		}
+		for conflicts, limit := 0, len(batch); len(batch) > 0; {
+			n, conflict, cut := s.attempt(ctx, marker, batch[:min(limit, len(batch))])
+			if cut > 0 {
+				limit = cut // run the calls before the one that failed alone
+				continue
+			}
+			limit = len(batch)
+			batch = batch[n:]
+			if !conflict {
+				conflicts = 0
+				continue
+			}
+			// Another broker committed first: back off a little, with
+			// jitter, so two writers do not keep colliding.
+			conflicts++
+			time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond))))
+		}
+		clear(batch)
+	}
+}
+
+// attempt runs batch on one snapshot and commits it. It returns how many
+// calls at the front it answered; whether the commit lost a race (then none
+// were answered); or, when a call after the first failed, cut: the number of
+// calls before it, to be run again on their own.
+func (s *Store) attempt(ctx context.Context, marker string, batch []*call) (answered int, conflict bool, cut int) {
+	rev, commitRev, err := s.snapshot(ctx)
+	if err != nil {
+		s.finish(batch[0], err)
+		return 1, false, 0
+	}
+	t := newTxn(ctx, s, rev, true)
+	tx := kv.NewTx(t)
+	for i, c := range batch {
+		err := run(c.fn, tx)
+		if err == nil {
+			err = s.checkSize(t)
+		}
+		if err == nil {
+			continue
+		}
+		if i == 0 {
+			s.finish(c, err)
+			return 1, false, 0
+		}
+		// Its partial writes are in the buffer: run the calls before it
+		// again on their own (it runs after them).
+		return 0, false, i
+	}
+	id := randomID()
+	ops := append(t.ops(), clientv3.OpPut(s.commitKey(), id), clientv3.OpPut(marker, id))
+	cmp := clientv3.Compare(clientv3.ModRevision(s.commitKey()), "=", commitRev)
+	tctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	resp, err := s.cli.Txn(tctx).If(cmp).Then(ops...).Commit()
+	cancel()
+	applied := err == nil && resp.Succeeded
+	if err != nil {
+		s.stats.unknown.Add(1)
+		applied, err = s.applied(ctx, marker, id, err)
+	}
+	switch {
+	case err != nil:
+		for _, c := range batch {
+			s.finish(c, err)
+		}
+		return len(batch), false, 0
+	case !applied:
+		s.stats.conflicts.Add(1)
+		return 0, true, 0
+	}
+	s.stats.commits.Add(1)
+	for _, c := range batch {
+		s.finish(c, nil)
+	}
+	return len(batch), false, 0
+}
+
+// checkSize fails when the buffered writes no longer fit one etcd Txn.
+func (s *Store) checkSize(t *txn) error {
+	ops, size := t.writeCount()+2, t.size()
+	if ops > s.cfg.MaxTxnOps || size > s.cfg.MaxRequestBytes {
+		return fmt.Errorf("%w: %d operations and %d bytes, over the store's max_txn_ops %d or max_request_bytes %d (raise them with etcd's --max-txn-ops and --max-request-bytes)",
+			ErrTxnTooLarge, ops, size, s.cfg.MaxTxnOps, s.cfg.MaxRequestBytes)
+	}
+	return nil
+}
+
+// applied learns, after a Txn failed with txnErr, whether it was applied:
+// the writer's marker holds the id of the last Txn that was. It reads until
+// the cluster answers or the store closes.
+func (s *Store) applied(ctx context.Context, marker, id string, txnErr error) (bool, error) {
+	deadline := time.Now().Add(4 * s.cfg.RequestTimeout)
+	for {
+		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		resp, err := s.cli.Get(rctx, marker)
+		cancel()
+		if err == nil {
+			return len(resp.Kvs) > 0 && string(resp.Kvs[0].Value) == id, nil
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			return false, fmt.Errorf("etcd: commit outcome unknown (commit failed: %v; reading it back failed: %w)", txnErr, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (s *Store) dropMarker(marker string) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout)
+	defer cancel()
+	_, _ = s.cli.Delete(ctx, marker)
+}
+
+func (s *Store) finish(c *call, err error) {
+	s.stats.calls.Add(1)
+	c.done <- err
+}
+
+// run calls fn, turning a panic into an error for its caller: the writer
+// serves every request and must not die with one.
+func run(fn func(store.Tx) error, tx store.Tx) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("etcd: update closure panicked: %v", r)
+		}
+	}()
+	return fn(tx)
+}
+
+func randomID() string {
+	b := make([]byte, 12)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

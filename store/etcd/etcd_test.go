@@ -1,0 +1,269 @@
+package etcd_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/leasehold/leasehold/store"
+	"github.com/leasehold/leasehold/store/etcd"
+	"github.com/leasehold/leasehold/store/etcd/etcdtest"
+	"github.com/leasehold/leasehold/store/storetest"
+)
+
+var prefixes atomic.Int64
+
+// open opens a store under a fresh prefix of cluster c.
+func open(t *testing.T, c *etcdtest.Cluster, mod ...func(*etcd.Config)) *etcd.Store {
+	t.Helper()
+	cfg := etcd.Config{Endpoints: c.Endpoints(), Prefix: fmt.Sprintf("/t%d/", prefixes.Add(1)), MaxTxnOps: 4096, MaxRequestBytes: 8 << 20}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	s, err := etcd.Open(context.Background(), cfg)
+	require.NoError(t, err)
+	return s
+}
+
+func TestConformance(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{MaxTxnOps: 4096, MaxRequestBytes: 8 << 20, NoFsync: true})
+	storetest.Run(t, func(t *testing.T) store.Store { return open(t, c) })
+}
+
+var ctx = context.Background()
+
+// Two brokers' stores on one prefix, each with concurrent writers, commit
+// serializably: a read-modify-write counter loses no increment and the audit
+// chain has one order with no gap or fork.
+func TestTwoStoresSerializable(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	a := open(t, c)
+	t.Cleanup(func() { _ = a.Close() })
+	prefix := fmt.Sprintf("/t%d/", prefixes.Load())
+	b := open(t, c, func(cfg *etcd.Config) { cfg.Prefix = prefix })
+	t.Cleanup(func() { _ = b.Close() })
+
+	const writers, each = 6, 15
+	var g errgroup.Group
+	for i := range 2 * writers {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		g.Go(func() error {
+			for j := range each {
+				err := s.Update(ctx, func(tx store.Tx) error {
+					n, err := tx.GetCursor("counter")
+					if err != nil {
+						return err
+					}
+					if err := tx.PutCursor("counter", n+1); err != nil {
+						return err
+					}
+					_, err = tx.AppendAudit(&store.AuditRecord{Event: store.EventLeaseAcquire, Decision: store.Allow, Actor: fmt.Sprint(i, "/", j)})
+					return err
+				})
+				if err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	require.NoError(t, g.Wait())
+	total := uint64(2 * writers * each)
+	require.NoError(t, b.View(ctx, func(tx store.ReadTx) error {
+		n, err := tx.GetCursor("counter")
+		require.NoError(t, err)
+		require.Equal(t, total, n, "no increment lost")
+		recs, err := tx.QueryAudit(store.AuditQuery{Ascending: true})
+		require.NoError(t, err)
+		require.Len(t, recs, int(total))
+		for i, r := range recs {
+			require.Equal(t, uint64(i+1), r.Sequence, "sequences are dense")
+			require.Equal(t, store.AuditHash(r), r.Hash)
+			if i > 0 {
+				require.Equal(t, recs[i-1].Hash, r.PrevHash, "one chain, no fork at %d", r.Sequence)
+				require.False(t, r.Time.Before(recs[i-1].Time))
+			}
+		}
+		return nil
+	}))
+	sa, sb := a.CommitStats(), b.CommitStats()
+	t.Logf("commits %d+%d for %d updates, conflicts %d+%d", sa.Commits, sb.Commits, total, sa.Conflicts, sb.Conflicts)
+	require.Equal(t, total, sa.Calls+sb.Calls)
+}
+
+// An Update too large for one etcd Txn fails whole, naming the setting, and
+// changes nothing; smaller ones still commit.
+func TestTxnTooLarge(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	s := open(t, c, func(cfg *etcd.Config) { cfg.MaxTxnOps = 16 })
+	t.Cleanup(func() { _ = s.Close() })
+	err := s.Update(ctx, func(tx store.Tx) error {
+		for i := range 20 {
+			if err := tx.PutCursor(fmt.Sprint("c", i), 1); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	require.ErrorIs(t, err, etcd.ErrTxnTooLarge)
+	require.ErrorContains(t, err, "max_txn_ops 16")
+	require.NoError(t, s.Update(ctx, func(tx store.Tx) error { return tx.PutCursor("small", 7) }))
+	require.NoError(t, s.View(ctx, func(tx store.ReadTx) error {
+		v, err := tx.GetCursor("c0")
+		require.NoError(t, err)
+		require.Zero(t, v, "nothing of the refused Update was written")
+		v, err = tx.GetCursor("small")
+		require.NoError(t, err)
+		require.Equal(t, uint64(7), v)
+		return nil
+	}))
+}
+
+// Group commit cuts a group before the call that overflows it.
+func TestGroupCutToFit(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	s := open(t, c, func(cfg *etcd.Config) { cfg.MaxTxnOps = 24 })
+	t.Cleanup(func() { _ = s.Close() })
+	var g errgroup.Group
+	for i := range 64 {
+		g.Go(func() error {
+			return s.Update(ctx, func(tx store.Tx) error {
+				for j := range 4 {
+					if err := tx.PutCursor(fmt.Sprint("g", i, "-", j), uint64(i)); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		})
+	}
+	require.NoError(t, g.Wait())
+	require.NoError(t, s.View(ctx, func(tx store.ReadTx) error {
+		for i := range 64 {
+			v, err := tx.GetCursor(fmt.Sprint("g", i, "-3"))
+			require.NoError(t, err)
+			require.Equal(t, uint64(i), v)
+		}
+		return nil
+	}))
+}
+
+// A prefix written by a newer schema is refused.
+func TestSchemaRefused(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	s := open(t, c)
+	prefix := fmt.Sprintf("/t%d/", prefixes.Load())
+	_, err := s.Client().Put(ctx, prefix+"meta/schema_version", string([]byte{0, 0, 0, 0, 0, 0, 0, 99}))
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	_, err = etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), Prefix: prefix})
+	require.ErrorIs(t, err, store.ErrSchema)
+}
+
+func TestConfigValidate(t *testing.T) {
+	for _, cfg := range []etcd.Config{
+		{},
+		{Endpoints: []string{"http://x"}, Prefix: "no-slash"},
+		{Endpoints: []string{"http://x"}, LeaderTTL: time.Millisecond},
+		{Endpoints: []string{"http://x"}, MaxTxnOps: -1},
+	} {
+		require.Error(t, cfg.Validate(), "%+v", cfg)
+	}
+}
+
+// One of two stores leads; when it resigns the other takes over; when the
+// leader's process dies (its client closes without resigning) the other
+// takes over once the session lease runs out.
+func TestLeaderElection(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	ttl := func(cfg *etcd.Config) { cfg.LeaderTTL = time.Second }
+	a := open(t, c, ttl)
+	prefix := fmt.Sprintf("/t%d/", prefixes.Load())
+	same := func(cfg *etcd.Config) { cfg.Prefix = prefix; cfg.LeaderTTL = time.Second }
+	b := open(t, c, same)
+	t.Cleanup(func() { _ = b.Close() })
+
+	ledA, resignA, err := a.Lead(ctx)
+	require.NoError(t, err)
+	gotB := make(chan context.Context, 1)
+	var resignB func()
+	go func() {
+		led, resign, err := b.Lead(ctx)
+		if err == nil {
+			resignB = resign
+			gotB <- led
+		}
+	}()
+	select {
+	case <-gotB:
+		t.Fatal("two leaders at once")
+	case <-time.After(500 * time.Millisecond):
+	}
+	resignA()
+	require.Error(t, ledA.Err(), "the resigned leader's context ends")
+	var ledB context.Context
+	select {
+	case ledB = <-gotB:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no takeover after resign")
+	}
+	require.NoError(t, ledB.Err())
+
+	// B now dies without resigning; a third store takes over after the TTL.
+	third := open(t, c, same)
+	t.Cleanup(func() { _ = third.Close() })
+	start := time.Now()
+	go func() { time.Sleep(200 * time.Millisecond); _ = b.Client().Close() }()
+	lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	led3, resign3, err := third.Lead(lctx)
+	require.NoError(t, err, "takeover after the leader's client vanished")
+	defer resign3()
+	t.Logf("takeover after %s", time.Since(start).Round(time.Millisecond))
+	require.NoError(t, led3.Err())
+	_ = resignB
+	require.NoError(t, a.Close())
+}
+
+// A three-member cluster loses one member: writes and reads go on, and
+// nothing committed before is lost.
+func TestMemberFailure(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{Members: 3, NoFsync: true})
+	s := open(t, c, func(cfg *etcd.Config) { cfg.RequestTimeout = 2 * time.Second })
+	t.Cleanup(func() { _ = s.Close() })
+	put := func(i int) error {
+		return s.Update(ctx, func(tx store.Tx) error { return tx.PutCursor(fmt.Sprint("k", i), uint64(i)) })
+	}
+	for i := range 20 {
+		require.NoError(t, put(i))
+	}
+	c.Kill(0) // the first endpoint, which the client is most likely using
+	deadline := time.Now().Add(20 * time.Second)
+	for i := 20; i < 40; i++ {
+		for {
+			err := put(i)
+			if err == nil {
+				break
+			}
+			require.True(t, time.Now().Before(deadline), "writes did not resume: %v", err)
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	require.NoError(t, s.View(ctx, func(tx store.ReadTx) error {
+		for i := range 40 {
+			v, err := tx.GetCursor(fmt.Sprint("k", i))
+			require.NoError(t, err)
+			require.Equal(t, uint64(i), v)
+		}
+		return nil
+	}))
+}
