@@ -29,7 +29,7 @@ func sinkCursor(sink AuditSink) string { return "sink:" + sink.Name() }
 
 // runExport feeds one sink from its persisted cursor until Stop. It runs
 // beside the request path, so a slow or failing sink delays only itself.
-func (s *Server) runExport(sink AuditSink) {
+func (s *Server) runExport(sink AuditSink, stop <-chan struct{}) {
 	ctx := withRequestID(context.Background(), "export")
 	backoff := exportMinBackoff
 	for {
@@ -39,7 +39,7 @@ func (s *Server) runExport(sink AuditSink) {
 		case err != nil:
 			s.log.Warn("audit export failed; will retry", "sink", sink.Name(), "error", err.Error(), "retry_in", backoff.String())
 			select {
-			case <-s.stop:
+			case <-stop:
 				return
 			case <-time.After(backoff):
 			}
@@ -51,7 +51,7 @@ func (s *Server) runExport(sink AuditSink) {
 		}
 		backoff = exportMinBackoff
 		select {
-		case <-s.stop:
+		case <-stop:
 			return
 		case <-wake:
 		}

@@ -963,7 +963,7 @@ func (s *Server) reapOnce(ctx context.Context, batch int) (n int, err error) {
 // runReaper ends expired leases until Stop. It keeps no state of its own:
 // the expiry index is the queue, so a restarted broker resumes where the
 // previous one stopped.
-func (s *Server) runReaper() {
+func (s *Server) runReaper(stop <-chan struct{}) {
 	const batch = 256
 	t := time.NewTicker(s.cfg.ReaperInterval)
 	defer t.Stop()
@@ -983,7 +983,7 @@ func (s *Server) runReaper() {
 			}
 		}
 		select {
-		case <-s.stop:
+		case <-stop:
 			return
 		case <-t.C:
 		}

@@ -22,7 +22,7 @@ type metrics struct {
 // commit) to seconds (an upstream that is slow).
 var secondBuckets = metric.WithExplicitBucketBoundaries(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-func newMetrics(mp metric.MeterProvider, st store.Store) (*metrics, error) {
+func newMetrics(mp metric.MeterProvider, st store.Store, leading func() bool) (*metrics, error) {
 	m := mp.Meter(instrumentationName)
 	out := &metrics{}
 	var err error
@@ -47,7 +47,17 @@ func newMetrics(mp metric.MeterProvider, st store.Store) (*metrics, error) {
 	if err != nil {
 		return nil, err
 	}
+	leader, err := m.Int64ObservableGauge("leasehold.leader",
+		metric.WithDescription("1 while this broker runs the background work (reaper, revocation queue, rotation, retention, export); with a shared store, one broker at a time."))
+	if err != nil {
+		return nil, err
+	}
 	_, err = m.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
+		lead := int64(0)
+		if leading() {
+			lead = 1
+		}
+		o.ObserveInt64(leader, lead)
 		return st.View(ctx, func(tx store.ReadTx) error {
 			n, err := tx.ActiveLeaseCount()
 			if err != nil {
@@ -61,7 +71,7 @@ func newMetrics(mp metric.MeterProvider, st store.Store) (*metrics, error) {
 			o.ObserveInt64(pending, int64(p))
 			return nil
 		})
-	}, active, pending)
+	}, active, pending, leader)
 	return out, err
 }
 

@@ -16,7 +16,7 @@ const (
 
 // runRetention removes audit records beyond the configured age or count
 // until Stop.
-func (s *Server) runRetention() {
+func (s *Server) runRetention(stop <-chan struct{}) {
 	ctx := withRequestID(context.Background(), "retention")
 	t := time.NewTicker(s.cfg.RetentionInterval)
 	defer t.Stop()
@@ -27,7 +27,7 @@ func (s *Server) runRetention() {
 			s.log.Info("audit retention removed records", "count", n)
 		}
 		select {
-		case <-s.stop:
+		case <-stop:
 			return
 		case <-t.C:
 		}

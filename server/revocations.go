@@ -23,7 +23,7 @@ const (
 // entry's artifact is destroyed through its backend; a failure is retried
 // with capped exponential backoff, without limit. The queue lives in the
 // store, so a restarted broker carries on where this one stopped.
-func (s *Server) runRevocations() {
+func (s *Server) runRevocations(stop <-chan struct{}) {
 	ctx := withRequestID(context.Background(), "revocations")
 	t := time.NewTicker(s.cfg.RevocationPoll)
 	defer t.Stop()
@@ -37,7 +37,7 @@ func (s *Server) runRevocations() {
 			continue
 		}
 		select {
-		case <-s.stop:
+		case <-stop:
 			return
 		case <-wake:
 		case <-t.C:

@@ -40,16 +40,16 @@ const (
 
 var errRotationBusy = errors.New("a rotation is in progress")
 
-func (s *Server) runRotations() {
+func (s *Server) runRotations(stop <-chan struct{}) {
 	t := time.NewTicker(s.cfg.RotationPoll)
 	defer t.Stop()
 	ctx, cancel := context.WithCancel(withRequestID(context.Background(), "rotation"))
 	defer cancel()
-	go func() { <-s.stop; cancel() }()
+	go func() { <-stop; cancel() }()
 	for {
 		s.rotationTick(ctx)
 		select {
-		case <-s.stop:
+		case <-stop:
 			return
 		case <-t.C:
 		}

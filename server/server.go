@@ -230,6 +230,8 @@ type Server struct {
 	guard *guardedStore
 
 	stopOnce sync.Once
+	// leading is set while this broker runs the background work.
+	leading atomic.Bool
 	stop     chan struct{}
 	bg       sync.WaitGroup
 	// life orders starting the background workers against Stop: workers
@@ -275,7 +277,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		webhookClient: &http.Client{Timeout: 5 * time.Second},
 	}
 	var err error
-	if s.metrics, err = newMetrics(deps.MeterProvider, deps.Store); err != nil {
+	if s.metrics, err = newMetrics(deps.MeterProvider, deps.Store, s.Leading); err != nil {
 		return nil, fmt.Errorf("server metrics: %w", err)
 	}
 	guard.writeDur = s.metrics.writeDur
@@ -334,19 +336,68 @@ func (s *Server) startBackground() {
 	if s.stopped {
 		return
 	}
-	s.bg.Add(4 + len(s.sinks))
-	go func() { defer s.bg.Done(); s.runReaper() }()
-	go func() { defer s.bg.Done(); s.runRotations() }()
-	go func() { defer s.bg.Done(); s.runRevocations() }()
+	s.bg.Add(2)
 	go func() { defer s.bg.Done(); s.runHealth() }()
+	if el, ok := s.guard.Store.(store.Elector); ok {
+		go func() { defer s.bg.Done(); s.runLeader(el) }()
+		return
+	}
+	s.leading.Store(true)
+	go func() { defer s.bg.Done(); s.runBackground(s.stop) }()
+}
+
+// runBackground runs the work one broker does for all until stop closes:
+// the expiry reaper, rotation, the revocation queue, audit export and
+// retention. It returns when all of them have.
+func (s *Server) runBackground(stop <-chan struct{}) {
+	var wg sync.WaitGroup
+	run := func(fn func()) { wg.Add(1); go func() { defer wg.Done(); fn() }() }
+	run(func() { s.runReaper(stop) })
+	run(func() { s.runRotations(stop) })
+	run(func() { s.runRevocations(stop) })
 	for _, sink := range s.sinks {
-		go func() { defer s.bg.Done(); s.runExport(sink) }()
+		run(func() { s.runExport(sink, stop) })
 	}
 	if s.cfg.RetentionMaxAge > 0 || s.cfg.RetentionMaxRecords > 0 {
-		s.bg.Add(1)
-		go func() { defer s.bg.Done(); s.runRetention() }()
+		run(func() { s.runRetention(stop) })
+	}
+	wg.Wait()
+}
+
+// runLeader campaigns for leadership of the background work on a store
+// several brokers share, runs it while this broker leads, and campaigns
+// again when leadership is lost, until Stop. The work is idempotent step by
+// step (each step commits its outcome), so a leader that is replaced
+// mid-step leaves nothing for its successor to undo.
+func (s *Server) runLeader(el store.Elector) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { <-s.stop; cancel() }()
+	for ctx.Err() == nil {
+		led, resign, err := el.Lead(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("campaign for leadership failed; will retry", "error", err.Error())
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
+			continue
+		}
+		s.log.Info("leading background work: reaper, revocation queue, rotation, retention, export")
+		s.leading.Store(true)
+		s.runBackground(led.Done())
+		s.leading.Store(false)
+		resign()
+		if ctx.Err() == nil {
+			s.log.Warn("lost leadership of background work; campaigning again")
+		}
 	}
 }
+
+// Leading reports whether this broker runs the background work now.
+func (s *Server) Leading() bool { return s.leading.Load() }
 
 // Stop marks the server not serving, ends the background workers and open
 // WatchAudit streams (which are told the sequence to resume after), lets

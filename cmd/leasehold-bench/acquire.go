@@ -33,6 +33,7 @@ import (
 	"github.com/leasehold/leasehold/server"
 	"github.com/leasehold/leasehold/store"
 	"github.com/leasehold/leasehold/store/bolt"
+	"github.com/leasehold/leasehold/store/etcd"
 	"github.com/leasehold/leasehold/store/seal"
 )
 
@@ -50,6 +51,7 @@ import (
 const (
 	brokerEnv     = "LEASEHOLD_BENCH_BROKER_DIR"
 	profileEnv    = "LEASEHOLD_BENCH_BROKER_CPUPROFILE"
+	etcdEnv       = "LEASEHOLD_BENCH_ETCD"
 	benchCred     = "bench/static"
 	benchAdminID  = "spiffe://bench.test/admin"
 	benchBrokerID = "spiffe://bench.test/broker"
@@ -58,6 +60,9 @@ const (
 
 type acquireOpts struct {
 	dir          string
+	store        string // bolt or etcd
+	brokers      int
+	etcd         string // endpoints; empty: start one member
 	agents       int
 	duration     time.Duration
 	prefill      int
@@ -74,11 +79,22 @@ func runAcquire(args []string, out io.Writer) error {
 	fs.IntVar(&o.prefill, "prefill", 0, "active leases (of 10k other agents) in the store before the broker starts; reused if the store already holds them")
 	fs.StringVar(&o.cpuProfile, "broker-cpuprofile", "", "write the broker's CPU profile of the acquire phase to this file")
 	fs.IntVar(&o.revokeLeases, "revoke-leases", 0, "after the run, time RevokeAgent for an agent holding this many active leases")
+	fs.StringVar(&o.store, "store", "bolt", "store engine: bolt (one broker) or etcd (--brokers share it)")
+	fs.IntVar(&o.brokers, "brokers", 1, "broker processes sharing the etcd store; agents are spread over them")
+	fs.StringVar(&o.etcd, "etcd-endpoints", "", "etcd client URLs (default: a one-member etcd this tool starts on loopback, fsync on, data in --dir)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if o.agents < 1 || o.duration <= 0 {
 		return errors.New("--agents must be at least 1 and --duration positive")
+	}
+	switch {
+	case o.store != "bolt" && o.store != "etcd":
+		return fmt.Errorf("--store %q: bolt or etcd", o.store)
+	case o.brokers < 1 || (o.store == "bolt" && o.brokers != 1):
+		return errors.New("--brokers: 1 with bolt (one process owns the file), 1 or more with etcd")
+	case o.store == "etcd" && (o.prefill > 0 || o.revokeLeases > 0):
+		return errors.New("--prefill and --revoke-leases fill a bbolt file: use them with --store bolt")
 	}
 	if o.dir == "" {
 		d, err := os.MkdirTemp("", "leasehold-bench-")
@@ -101,12 +117,25 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 	if err := prefill(dbPath, o.prefill, o.revokeLeases, out); err != nil {
 		return err
 	}
-
-	child, err := startBroker(o.dir, o.cpuProfile)
-	if err != nil {
-		return err
+	if o.store == "etcd" && o.etcd == "" {
+		e, err := startEtcdChild(filepath.Join(o.dir, "etcd"))
+		if err != nil {
+			return err
+		}
+		defer e.stop()
+		o.etcd = e.addr
+		fmt.Fprintf(out, "etcd (one member, fsync on) pid %d at %s\n", e.cmd.Process.Pid, e.addr)
 	}
-	defer child.stop()
+	var children []*brokerChild
+	for range o.brokers {
+		c, err := startBroker(o.dir, o.cpuProfile, o.etcd)
+		if err != nil {
+			return err
+		}
+		defer c.stop()
+		children = append(children, c)
+	}
+	child := children[0]
 
 	issue := func(id string) (identity.StaticSource, error) {
 		svid, err := ca.Issue(spiffeid.RequireFromString(id), identity.SVIDOptions{TTL: 24 * time.Hour})
@@ -128,6 +157,13 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 	if _, err := leaseholdv1.NewBrokerServiceClient(adminConn).WhoAmI(ctx, &leaseholdv1.WhoAmIRequest{}, grpc.WaitForReady(true)); err != nil {
 		return err
 	}
+	dialOn := func(i int, id string) (*grpc.ClientConn, error) {
+		src, err := issue(id)
+		if err != nil {
+			return nil, err
+		}
+		return client.Dial(client.Config{Address: children[i%len(children)].addr, Source: src})
+	}
 	child.startupMS = ms(time.Since(child.started))
 	fmt.Fprintf(out, "broker pid %d on %s answered its first RPC %.1f ms after exec, with %d active leases in its store\n",
 		child.cmd.Process.Pid, child.addr, child.startupMS, child.active)
@@ -137,7 +173,7 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 
 	agents := make([]leaseholdv1.BrokerServiceClient, o.agents)
 	for i := range agents {
-		conn, err := dial(fmt.Sprintf("spiffe://bench.test/agents/load-%03d", i))
+		conn, err := dialOn(i, fmt.Sprintf("spiffe://bench.test/agents/load-%03d", i))
 		if err != nil {
 			return err
 		}
@@ -156,7 +192,7 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 		return err
 	})
 
-	cpu0, err := child.cpu()
+	cpu0, err := cpuOf(children)
 	if err != nil {
 		return err
 	}
@@ -182,7 +218,7 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 		relMu.Unlock()
 		return err
 	})
-	cpu1, err := child.cpu()
+	cpu1, err := cpuOf(children)
 	if err != nil {
 		return err
 	}
@@ -205,15 +241,23 @@ func acquireBench(o acquireOpts, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	stats := child.stop()
+	var all []string
+	for i, c := range children {
+		if len(children) > 1 {
+			all = append(all, fmt.Sprintf("broker %d: %s", i, c.stop()))
+		} else {
+			all = append(all, c.stop())
+		}
+	}
+	stats := strings.Join(all, "; ")
 
 	ratio := acq.perSec / ceiling.perSec
 	p := percentiles(acq.lat)
 	rp := percentiles(releaseLat)
 	fmt.Fprintf(out, "ceiling %.0f/s (p99 %.2f ms); acquire+release %.0f cycles/s (acquire p50 %.2f p99 %.2f ms, release p99 %.2f ms); broker %.2f cores, peak RSS %.0f MB (at the end %.0f MB anonymous, %.0f MB of the mapped store file); %s\n",
 		ceiling.perSec, percentiles(ceiling.lat)[2], acq.perSec, p[0], p[2], rp[2], cores, rss, anon, file, stats)
-	fmt.Fprintf(out, "acquire_per_s=%.0f ceiling_per_s=%.0f ratio=%.3f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f release_p99_ms=%.2f errors=%d agents=%d broker_cpu_cores=%.2f peak_rss_mb=%.0f anon_rss_mb=%.0f startup_ms=%.1f active_leases=%d revoke_ms=%.1f\n",
-		acq.perSec, ceiling.perSec, ratio, p[0], p[1], p[2], rp[2], acq.errors+ceiling.errors, o.agents, cores, rss, anon, child.startupMS, child.active, revokeMS)
+	fmt.Fprintf(out, "acquire_per_s=%.0f ceiling_per_s=%.0f ratio=%.3f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f release_p99_ms=%.2f errors=%d agents=%d broker_cpu_cores=%.2f peak_rss_mb=%.0f anon_rss_mb=%.0f startup_ms=%.1f active_leases=%d revoke_ms=%.1f store=%s brokers=%d\n",
+		acq.perSec, ceiling.perSec, ratio, p[0], p[1], p[2], rp[2], acq.errors+ceiling.errors, o.agents, cores, rss, anon, child.startupMS, child.active, revokeMS, o.store, o.brokers)
 	if acq.firstErr != nil {
 		return fmt.Errorf("%d calls failed, first: %w", acq.errors, acq.firstErr)
 	}
@@ -384,13 +428,26 @@ type brokerChild struct {
 	stats     string
 }
 
-func startBroker(dir, cpuProfile string) (*brokerChild, error) {
+// cpuOf sums the brokers' CPU time.
+func cpuOf(children []*brokerChild) (time.Duration, error) {
+	var sum time.Duration
+	for _, c := range children {
+		d, err := c.cpu()
+		if err != nil {
+			return 0, err
+		}
+		sum += d
+	}
+	return sum, nil
+}
+
+func startBroker(dir, cpuProfile, etcdEndpoints string) (*brokerChild, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(self, "broker")
-	cmd.Env = append(os.Environ(), brokerEnv+"="+dir, profileEnv+"="+cpuProfile)
+	cmd.Env = append(os.Environ(), brokerEnv+"="+dir, profileEnv+"="+cpuProfile, etcdEnv+"="+etcdEndpoints)
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -487,7 +544,7 @@ func runBroker(dir string) error {
 	if err != nil {
 		return err
 	}
-	st, err := bolt.Open(bolt.Config{Path: filepath.Join(dir, "leasehold.db")})
+	st, stats, err := openBenchStore(dir, os.Getenv(etcdEnv))
 	if err != nil {
 		return err
 	}
@@ -544,10 +601,34 @@ wait:
 		}
 	}
 	srv.Stop(ctx)
-	s := st.CommitStats()
-	fmt.Printf("stats %d store writes in %d commits (%.1f per fsync, %.1f pages each), %d batches retried\n",
-		s.Calls, s.Commits, float64(s.Calls)/max(float64(s.Commits), 1), float64(s.PagesWritten)/max(float64(s.Commits), 1), s.Retries)
+	fmt.Printf("stats %s\n", stats())
 	return nil
+}
+
+// openBenchStore opens the broker's store: the bbolt file in dir, or the
+// etcd cluster at endpoints. stats describes its commits afterwards.
+func openBenchStore(dir, endpoints string) (store.Store, func() string, error) {
+	if endpoints == "" {
+		st, err := bolt.Open(bolt.Config{Path: filepath.Join(dir, "leasehold.db")})
+		if err != nil {
+			return nil, nil, err
+		}
+		return st, func() string {
+			s := st.CommitStats()
+			return fmt.Sprintf("%d store writes in %d commits (%.1f per fsync, %.1f pages each), %d batches retried",
+				s.Calls, s.Commits, float64(s.Calls)/max(float64(s.Commits), 1), float64(s.PagesWritten)/max(float64(s.Commits), 1), s.Retries)
+		}, nil
+	}
+	st, err := etcd.Open(context.Background(), etcd.Config{Endpoints: strings.Split(endpoints, ","), Prefix: "/leasehold-bench/",
+		MaxTxnOps: etcdMaxTxnOps, MaxRequestBytes: etcdMaxRequestBytes})
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, func() string {
+		s := st.CommitStats()
+		return fmt.Sprintf("%d store writes in %d etcd commits (%.1f per commit), %d lost to another broker's commit",
+			s.Calls, s.Commits, float64(s.Calls)/max(float64(s.Commits), 1), s.Conflicts)
+	}, nil
 }
 
 // profile starts or stops the broker's CPU profile (SIGUSR1, SIGUSR2 from

@@ -49,6 +49,8 @@ func main() {
 	switch {
 	case os.Getenv(brokerEnv) != "":
 		err = runBroker(os.Getenv(brokerEnv))
+	case os.Getenv(etcdChildEnv) != "":
+		err = runEtcd(os.Getenv(etcdChildEnv))
 	case len(os.Args) >= 2 && os.Args[1] == "audit":
 		err = runAudit(os.Args[2:], os.Stdout)
 	case len(os.Args) >= 2 && os.Args[1] == "acquire":
@@ -56,6 +58,7 @@ func main() {
 	default:
 		fmt.Fprintln(os.Stderr, "usage: leasehold-bench audit --db PATH [--records N] [--queries N]")
 		fmt.Fprintln(os.Stderr, "       leasehold-bench acquire [--agents 64] [--duration 10s] [--prefill N] [--revoke-leases N] [--dir DIR]")
+		fmt.Fprintln(os.Stderr, "                                 [--store etcd [--brokers N] [--etcd-endpoints URLS]]")
 		os.Exit(2)
 	}
 	if err != nil {

@@ -105,10 +105,38 @@ type IdentityConfig struct {
 
 // StoreConfig picks the store engine.
 type StoreConfig struct {
-	// Engine is "bolt" (the embedded default).
+	// Engine is "bolt" (the embedded default) or "etcd" (several brokers
+	// sharing one etcd cluster).
 	Engine string `yaml:"engine"`
 	// Path of the bolt database file.
 	Path string `yaml:"path"`
+
+	// Endpoints are the etcd members' client URLs (https with tls).
+	Endpoints []string `yaml:"endpoints"`
+	// Prefix is put before every etcd key (default "/leasehold/"); brokers
+	// sharing records use the same one.
+	Prefix string `yaml:"prefix"`
+	// TLS reaches etcd over TLS, with a client certificate for mTLS.
+	TLS StoreTLSConfig `yaml:"tls"`
+	// Username and PasswordFile authenticate to etcd (role-based access).
+	Username     string `yaml:"username"`
+	PasswordFile string `yaml:"password_file"`
+	// MaxTxnOps and MaxRequestBytes must not exceed etcd's --max-txn-ops
+	// and --max-request-bytes (defaults: etcd's own, 128 and 1.5 MiB).
+	MaxTxnOps       int `yaml:"max_txn_ops"`
+	MaxRequestBytes int `yaml:"max_request_bytes"`
+	// LeaderTTL is how long a vanished broker keeps leadership of the
+	// background work before another takes over (default 5s).
+	LeaderTTL time.Duration `yaml:"leader_ttl"`
+}
+
+// StoreTLSConfig names the PEM files for TLS to etcd.
+type StoreTLSConfig struct {
+	// CAFile verifies etcd's serving certificates (default: system roots).
+	CAFile string `yaml:"ca_file"`
+	// CertFile and KeyFile are the broker's client certificate for mTLS.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
 }
 
 // LeaseConfig bounds leases. Quotas: zero takes the default, a negative
@@ -251,8 +279,18 @@ var settings = []setting{
 	{"cert-file", "LEASEHOLD_CERT_FILE", "broker SVID certificate chain (PEM)", str(func(c *Config) *string { return &c.Identity.CertFile })},
 	{"key-file", "LEASEHOLD_KEY_FILE", "broker SVID private key (PEM)", str(func(c *Config) *string { return &c.Identity.KeyFile })},
 	{"bundle-file", "LEASEHOLD_BUNDLE_FILE", "trust bundle (PEM)", str(func(c *Config) *string { return &c.Identity.BundleFile })},
-	{"store-engine", "LEASEHOLD_STORE_ENGINE", "store engine (bolt)", str(func(c *Config) *string { return &c.Store.Engine })},
+	{"store-engine", "LEASEHOLD_STORE_ENGINE", "store engine (bolt or etcd)", str(func(c *Config) *string { return &c.Store.Engine })},
 	{"store-path", "LEASEHOLD_STORE_PATH", "bolt database file", str(func(c *Config) *string { return &c.Store.Path })},
+	{"store-endpoints", "LEASEHOLD_STORE_ENDPOINTS", "comma-separated etcd client URLs", func(c *Config, v string) error {
+		c.Store.Endpoints = nil
+		for _, e := range strings.Split(v, ",") {
+			if e = strings.TrimSpace(e); e != "" {
+				c.Store.Endpoints = append(c.Store.Endpoints, e)
+			}
+		}
+		return nil
+	}},
+	{"store-prefix", "LEASEHOLD_STORE_PREFIX", "etcd key prefix", str(func(c *Config) *string { return &c.Store.Prefix })},
 	{"kek-file", "LEASEHOLD_KEK_FILE", "key-encryption key file", str(func(c *Config) *string { return &c.KEKFile })},
 	{"default-ttl", "LEASEHOLD_DEFAULT_TTL", "lease length when none is asked for", dur(func(c *Config) *time.Duration { return &c.Leases.DefaultTTL })},
 	{"max-ttl", "LEASEHOLD_MAX_TTL", "longest lease anyone may ask for", dur(func(c *Config) *time.Duration { return &c.Leases.MaxTTL })},

@@ -1,9 +1,16 @@
 package main
 
 import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"os"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
 	"github.com/leasehold/leasehold/backends"
 	"github.com/leasehold/leasehold/backends/exec"
@@ -15,6 +22,7 @@ import (
 	"github.com/leasehold/leasehold/server/auditsink"
 	"github.com/leasehold/leasehold/store"
 	"github.com/leasehold/leasehold/store/bolt"
+	"github.com/leasehold/leasehold/store/etcd"
 )
 
 // This file is the one place that chooses concrete store engines and
@@ -23,14 +31,66 @@ import (
 // storeEngines lists the store engines by config name.
 var storeEngines = map[string]func(StoreConfig) (store.Store, error){
 	"bolt": func(c StoreConfig) (store.Store, error) { return bolt.Open(bolt.Config{Path: c.Path}) },
+	"etcd": openEtcd,
 }
 
 func openStore(c StoreConfig) (store.Store, error) {
 	open, ok := storeEngines[c.Engine]
 	if !ok {
-		return nil, fmt.Errorf("store.engine %q is unknown (valid: bolt)", c.Engine)
+		return nil, fmt.Errorf("store.engine %q is unknown (valid: bolt, etcd)", c.Engine)
 	}
 	return open(c)
+}
+
+func openEtcd(c StoreConfig) (store.Store, error) {
+	cfg := etcd.Config{Endpoints: c.Endpoints, Prefix: c.Prefix, Username: c.Username,
+		MaxTxnOps: c.MaxTxnOps, MaxRequestBytes: c.MaxRequestBytes, LeaderTTL: c.LeaderTTL}
+	if c.PasswordFile != "" {
+		pw, err := os.ReadFile(c.PasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("store.password_file: %w", err)
+		}
+		cfg.Password = strings.TrimRight(string(pw), "\r\n")
+	}
+	if c.TLS != (StoreTLSConfig{}) {
+		tc, err := etcdTLS(c.TLS)
+		if err != nil {
+			return nil, err
+		}
+		cfg.TLS = tc
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return etcd.Open(ctx, cfg)
+}
+
+// etcdTLS builds the client TLS config for etcd from PEM files.
+func etcdTLS(c StoreTLSConfig) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("store.tls.ca_file: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("store.tls.ca_file %s: no PEM certificate in it", c.CAFile)
+		}
+	}
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		return nil, errors.New("store.tls: cert_file and key_file go together")
+	}
+	if c.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("store.tls: client certificate: %w", err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	return tc, nil
 }
 
 // newSinks builds the audit export sinks named in the config.

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sort"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leasehold/leasehold/store/internal/kv"
@@ -94,11 +95,19 @@ func (t *txn) size() int {
 }
 
 // get reads keys at the snapshot revision; a failure aborts the record
-// method in progress (kv.Fail).
+// method in progress (kv.Fail). The read is serializable: the member
+// answers from its own state without a consensus round, which is exact for
+// a fixed revision the member has applied. The snapshot revision came from
+// a linearizable read, normally on the same member; one that has not caught
+// up yet answers "future revision", and the read is then made linearizable.
 func (t *txn) get(key string, opts ...clientv3.OpOption) *clientv3.GetResponse {
 	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
 	defer cancel()
-	resp, err := t.s.cli.Get(ctx, key, append(opts, clientv3.WithRev(t.rev))...)
+	opts = append(opts, clientv3.WithRev(t.rev))
+	resp, err := t.s.cli.Get(ctx, key, append(opts, clientv3.WithSerializable())...)
+	if errors.Is(err, rpctypes.ErrFutureRev) {
+		resp, err = t.s.cli.Get(ctx, key, opts...)
+	}
 	if err != nil {
 		kv.Fail(fmt.Errorf("etcd: read at revision %d: %w", t.rev, err))
 	}

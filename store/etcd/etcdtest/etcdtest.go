@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
 )
 
 // Options tune the cluster.
@@ -63,7 +64,7 @@ func Start(t testing.TB, o Options) *Cluster {
 		cfg.AdvertiseClientUrls = cfg.ListenClientUrls
 		cfg.InitialCluster = strings.Join(initial, ",")
 		cfg.InitialClusterToken = token
-		cfg.LogLevel = "error"
+		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 		cfg.UnsafeNoFsync = o.NoFsync
 		if o.MaxTxnOps > 0 {
 			cfg.MaxTxnOps = o.MaxTxnOps

@@ -1,0 +1,301 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+
+	"github.com/leasehold/leasehold/backends"
+	"github.com/leasehold/leasehold/backends/static"
+	"github.com/leasehold/leasehold/client"
+	"github.com/leasehold/leasehold/identity"
+	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
+	"github.com/leasehold/leasehold/server"
+	"github.com/leasehold/leasehold/store"
+	"github.com/leasehold/leasehold/store/etcd"
+	"github.com/leasehold/leasehold/store/etcd/etcdtest"
+	"github.com/leasehold/leasehold/store/seal"
+)
+
+// outageBackend issues a per-lease artifact and fails every revocation
+// while down: the queue keeps them until the upstream is back. A fake only
+// to inject the outage.
+type outageBackend struct {
+	down    atomic.Bool
+	mu      sync.Mutex
+	revoked map[string]int
+}
+
+func (o *outageBackend) Validate(backends.Spec) error { return nil }
+func (o *outageBackend) Issue(_ context.Context, req backends.IssueRequest) (*backends.Issued, error) {
+	return &backends.Issued{Secret: map[string][]byte{"user": []byte("u_" + req.LeaseID)}, Artifact: []byte("u_" + req.LeaseID)}, nil
+}
+func (o *outageBackend) Renew(_ context.Context, _ backends.LeaseRef, at time.Time) (time.Time, error) {
+	return at, nil
+}
+func (o *outageBackend) Revoke(_ context.Context, ref backends.LeaseRef) error {
+	if o.down.Load() {
+		return fmt.Errorf("%w: upstream is down", backends.ErrUpstreamUnavailable)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.revoked[string(ref.Artifact)]++
+	return nil
+}
+func (o *outageBackend) count(artifact string) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.revoked[artifact]
+}
+
+// replica is one broker of a cluster, on its own etcd client.
+type replica struct {
+	st     *etcd.Store
+	srv    *server.Server
+	addr   string
+	served chan error
+	logs   *syncBuffer
+}
+
+type cluster struct {
+	t        *testing.T
+	etcd     *etcdtest.Cluster
+	ca       *identity.DevCA
+	keyr     *seal.Keyring
+	upstream *outageBackend
+	prefix   string
+}
+
+func newCluster(t *testing.T, members int) *cluster {
+	dir := t.TempDir()
+	ca, err := identity.LoadOrCreateDevCA(filepath.Join(dir, "ca"), td)
+	require.NoError(t, err)
+	require.NoError(t, seal.CreateFile(filepath.Join(dir, "kek")))
+	keyr, err := seal.LoadFile(filepath.Join(dir, "kek"))
+	require.NoError(t, err)
+	return &cluster{t: t, etcd: etcdtest.Start(t, etcdtest.Options{Members: members, MaxTxnOps: 4096, MaxRequestBytes: 8 << 20}),
+		ca: ca, keyr: keyr, upstream: &outageBackend{revoked: map[string]int{}}, prefix: "/cluster-test/"}
+}
+
+func (c *cluster) start() *replica {
+	t := c.t
+	st, err := etcd.Open(ctx, etcd.Config{Endpoints: c.etcd.Endpoints(), Prefix: c.prefix, LeaderTTL: time.Second,
+		MaxTxnOps: 4096, MaxRequestBytes: 8 << 20, RequestTimeout: 2 * time.Second})
+	require.NoError(t, err)
+	admins, err := identity.NewAdminSet(td, []string{adminID})
+	require.NoError(t, err)
+	reg := backends.NewRegistry()
+	reg.Register(static.Name, static.Backend{})
+	reg.Register("outage", c.upstream)
+	svid, err := c.ca.Issue(spiffeid.RequireFromString("spiffe://leasehold.test/leasehold/broker"), identity.SVIDOptions{})
+	require.NoError(t, err)
+	r := &replica{st: st, logs: &syncBuffer{}, served: make(chan error, 1)}
+	r.srv, err = server.New(server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 50 * time.Millisecond,
+		RevocationPoll: 50 * time.Millisecond, RevocationMinBackoff: 50 * time.Millisecond, RevocationMaxBackoff: 200 * time.Millisecond},
+		server.Deps{Store: st, Backends: reg, Keyring: c.keyr,
+			Credentials: identity.ServerCredentials(identity.StaticSource{SVID: svid, Bundle: c.ca.Bundle()}, td),
+			Logger:      slog.New(slog.NewJSONHandler(r.logs, nil))})
+	require.NoError(t, err)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	r.addr = lis.Addr().String()
+	go func() { r.served <- r.srv.Serve(lis) }()
+	t.Cleanup(func() { r.stop() })
+	return r
+}
+
+// stop is a clean shutdown: leadership is resigned.
+func (r *replica) stop() {
+	if r.srv == nil {
+		return
+	}
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	r.srv.Stop(sctx)
+	<-r.served
+	_ = r.st.Close()
+	r.srv = nil
+}
+
+// crash cuts the replica off from etcd first, as a dead process would be:
+// it does not resign, so its leadership lasts until its session lease
+// expires.
+func (r *replica) crash() {
+	_ = r.st.Client().Close()
+	r.stop()
+}
+
+func (c *cluster) dial(r *replica, id string) *grpc.ClientConn {
+	svid, err := c.ca.Issue(spiffeid.RequireFromString(id), identity.SVIDOptions{})
+	require.NoError(c.t, err)
+	conn, err := client.Dial(client.Config{Address: r.addr, Source: identity.StaticSource{SVID: svid, Bundle: c.ca.Bundle()}})
+	require.NoError(c.t, err)
+	c.t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+func leaderOf(t *testing.T, rs ...*replica) *replica {
+	t.Helper()
+	var found *replica
+	require.Eventually(t, func() bool {
+		n := 0
+		for _, r := range rs {
+			if r.srv != nil && r.srv.Leading() {
+				found = r
+				n++
+			}
+		}
+		return n == 1
+	}, 10*time.Second, 20*time.Millisecond, "exactly one replica leads")
+	return found
+}
+
+// Two brokers on one etcd: a grant made on A is used on B; RevokeAgent on
+// A is in force on B when it returns; the leader is killed with
+// revocations queued (the upstream is down) and the other replica takes
+// over and finishes them, each artifact destroyed.
+func TestTwoBrokersOneEtcd(t *testing.T) {
+	c := newCluster(t, 1)
+	a, b := c.start(), c.start()
+	adminA := leaseholdv1.NewAdminServiceClient(c.dial(a, adminID))
+	agentOnA := leaseholdv1.NewBrokerServiceClient(c.dial(a, agent1ID))
+	agentOnB := leaseholdv1.NewBrokerServiceClient(c.dial(b, agent1ID))
+	otherOnB := leaseholdv1.NewBrokerServiceClient(c.dial(b, agent2ID))
+
+	_, err := adminA.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/app", Backend: "outage", Secret: map[string]string{"k": "v"}})
+	require.NoError(t, err)
+	_, err = adminA.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+		Subject:    &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: "spiffe://leasehold.test/agents"},
+		Credential: "db/app", Scopes: []string{"read"}}})
+	require.NoError(t, err)
+
+	// The grant made on A is used on B, at once.
+	l1, err := agentOnB.AcquireLease(ctx, acquireReq("db/app", "t1", "read"))
+	require.NoError(t, err)
+	l2, err := agentOnA.AcquireLease(ctx, acquireReq("db/app", "t2", "read"))
+	require.NoError(t, err)
+	other, err := otherOnB.AcquireLease(ctx, acquireReq("db/app", "t3", "read"))
+	require.NoError(t, err)
+
+	// RevokeAgent on A with the upstream down: denied on B as soon as it
+	// returns, and both of the agent's leases are ended, their artifacts
+	// queued.
+	c.upstream.down.Store(true)
+	resp, err := adminA.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "compromised"})
+	require.NoError(t, err)
+	require.EqualValues(t, 2, resp.GetLeasesRevoked())
+	_, err = agentOnB.AcquireLease(ctx, acquireReq("db/app", "t4", "read"))
+	requireCode(t, err, codes.PermissionDenied, "revoked")
+	_, err = agentOnB.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: l1.GetLease().GetId()})
+	require.Error(t, err, "a lease ended on A cannot be renewed on B")
+	_, err = otherOnB.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: other.GetLease().GetId()})
+	require.NoError(t, err, "another agent is untouched")
+
+	pending := func(r *replica) int {
+		var n int
+		require.NoError(t, r.st.View(ctx, func(tx store.ReadTx) error {
+			var err error
+			n, err = tx.PendingRevocations()
+			return err
+		}))
+		return n
+	}
+	// The leader tries and fails; the queue keeps both.
+	leader := leaderOf(t, a, b)
+	require.Eventually(t, func() bool { return strings.Contains(leader.logs.String(), "upstream is down") }, 5*time.Second, 20*time.Millisecond)
+	require.Equal(t, 2, pending(a))
+
+	// Kill the leader, bring the upstream back: the survivor leads and
+	// finishes the queue, each artifact destroyed once.
+	survivor := a
+	if leader == a {
+		survivor = b
+	}
+	leader.crash()
+	c.upstream.down.Store(false)
+	require.Same(t, survivor, leaderOf(t, a, b))
+	require.Eventually(t, func() bool { return pending(survivor) == 0 }, 15*time.Second, 50*time.Millisecond,
+		"the new leader finishes the queued revocations")
+	for _, l := range []*leaseholdv1.AcquireLeaseResponse{l1, l2} {
+		require.Equal(t, 1, c.upstream.count("u_"+l.GetLease().GetId()))
+	}
+	require.Zero(t, c.upstream.count("u_"+other.GetLease().GetId()))
+
+	// The trail, written by both brokers, is one intact chain.
+	adminS := leaseholdv1.NewAdminServiceClient(c.dial(survivor, adminID))
+	v, err := adminS.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
+	require.NoError(t, err)
+	require.True(t, v.GetOk(), "%s at %d", v.GetProblem(), v.GetFirstBrokenSequence())
+}
+
+// A three-member etcd cluster loses a member under load from two brokers:
+// both keep serving, and every acquire they acknowledged is in the store.
+func TestBrokersSurviveEtcdMemberLoss(t *testing.T) {
+	c := newCluster(t, 3)
+	a, b := c.start(), c.start()
+	admin := leaseholdv1.NewAdminServiceClient(c.dial(a, adminID))
+	_, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "crm/api", Secret: map[string]string{"api_key": "k"}})
+	require.NoError(t, err)
+	_, err = admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+		Subject: &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: "spiffe://leasehold.test/agents"}, Credential: "crm/api", Scopes: []string{"read"}}})
+	require.NoError(t, err)
+
+	var (
+		mu     sync.Mutex
+		acked  []string
+		failed atomic.Int64
+		stop   atomic.Bool
+		wg     sync.WaitGroup
+	)
+	for i, r := range []*replica{a, b, a, b} {
+		agent := leaseholdv1.NewBrokerServiceClient(c.dial(r, fmt.Sprintf("spiffe://leasehold.test/agents/w%d", i)))
+		wg.Go(func() {
+			for n := 0; !stop.Load(); n++ {
+				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				resp, err := agent.AcquireLease(cctx, acquireReq("crm/api", fmt.Sprintf("w%d-%d", i, n), "read"))
+				cancel()
+				if err != nil {
+					failed.Add(1)
+					time.Sleep(20 * time.Millisecond)
+					continue
+				}
+				mu.Lock()
+				acked = append(acked, resp.GetLease().GetId())
+				mu.Unlock()
+			}
+		})
+	}
+	count := func() int { mu.Lock(); defer mu.Unlock(); return len(acked) }
+	require.Eventually(t, func() bool { return count() >= 50 }, 20*time.Second, 10*time.Millisecond)
+	c.etcd.Kill(0)
+	before := count()
+	require.Eventually(t, func() bool { return count() >= before+100 }, 30*time.Second, 10*time.Millisecond,
+		"both brokers keep serving after a member is lost")
+	stop.Store(true)
+	wg.Wait()
+	t.Logf("%d acquires acknowledged, %d failed around the member loss", count(), failed.Load())
+
+	require.NoError(t, b.st.View(ctx, func(tx store.ReadTx) error {
+		for _, id := range acked {
+			l, err := tx.GetLease(id)
+			require.NoError(t, err, "acknowledged lease %s is in the store", id)
+			require.Equal(t, store.LeaseActive, l.State)
+		}
+		return nil
+	}))
+	v, err := admin.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
+	require.NoError(t, err)
+	require.True(t, v.GetOk(), v.GetProblem())
+}
