@@ -109,6 +109,10 @@ func runAcquire(args []string, out io.Writer) error {
 
 func acquireBench(o acquireOpts, out io.Writer) error {
 	ctx := context.Background()
+	o.brokers = max(o.brokers, 1)
+	if o.store == "" {
+		o.store = "bolt"
+	}
 	ca, err := identity.LoadOrCreateDevCA(filepath.Join(o.dir, "ca"), td)
 	if err != nil {
 		return err

@@ -28,6 +28,13 @@ func TestAuditBenchSmall(t *testing.T) {
 // TestMain lets the test binary play the broker child the acquire benchmark
 // re-executes.
 func TestMain(m *testing.M) {
+	if dir := os.Getenv(etcdChildEnv); dir != "" {
+		if err := runEtcd(dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if dir := os.Getenv(brokerEnv); dir != "" {
 		if err := runBroker(dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -49,5 +56,16 @@ func TestAcquireBenchSmall(t *testing.T) {
 	require.Contains(t, out.String(), "  acquire    1s", "progress is shown while it runs")
 	lines := bytes.Split(bytes.TrimSpace(out.Bytes()), []byte("\n"))
 	last := string(lines[len(lines)-1])
-	require.Regexp(t, regexp.MustCompile(`^acquire_per_s=[1-9]\d* ceiling_per_s=[1-9]\d* ratio=[\d.]+ p50_ms=[\d.]+ p90_ms=[\d.]+ p99_ms=[\d.]+ release_p99_ms=[\d.]+ errors=0 agents=3 broker_cpu_cores=[\d.]+ peak_rss_mb=[1-9]\d* anon_rss_mb=[1-9]\d* startup_ms=[\d.]+ active_leases=340 revoke_ms=[\d.]+$`), last)
+	require.Regexp(t, regexp.MustCompile(`^acquire_per_s=[1-9]\d* ceiling_per_s=[1-9]\d* ratio=[\d.]+ p50_ms=[\d.]+ p90_ms=[\d.]+ p99_ms=[\d.]+ release_p99_ms=[\d.]+ errors=0 agents=3 broker_cpu_cores=[\d.]+ peak_rss_mb=[1-9]\d* anon_rss_mb=[1-9]\d* startup_ms=[\d.]+ active_leases=340 revoke_ms=[\d.]+ store=bolt brokers=1$`), last)
+}
+
+// With --store etcd and two brokers, the tool starts its own etcd member
+// and spreads the agents over both brokers, which share it.
+func TestAcquireBenchEtcdTwoBrokers(t *testing.T) {
+	var out bytes.Buffer
+	err := acquireBench(acquireOpts{dir: t.TempDir(), agents: 4, duration: time.Second, store: "etcd", brokers: 2}, &out)
+	require.NoError(t, err, out.String())
+	require.Contains(t, out.String(), "broker 1: ")
+	lines := bytes.Split(bytes.TrimSpace(out.Bytes()), []byte("\n"))
+	require.Regexp(t, regexp.MustCompile(`^acquire_per_s=[1-9]\d* .* errors=0 agents=4 .* store=etcd brokers=2$`), string(lines[len(lines)-1]))
 }
