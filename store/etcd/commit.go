@@ -55,14 +55,24 @@ type CommitStats struct {
 	Commits   uint64 // etcd Txns that applied
 	Conflicts uint64 // Txns refused because another commit came first
 	Unknown   uint64 // Txns whose outcome had to be read back after an error
+	Reads     uint64 // reads from etcd by transactions (View and Update)
+	// CacheHits and CacheMisses count point reads the read cache answered
+	// and those it sent to etcd.
+	CacheHits, CacheMisses uint64
 }
 
-type commitCounters struct{ calls, commits, conflicts, unknown atomic.Uint64 }
+type commitCounters struct{ calls, commits, conflicts, unknown, reads atomic.Uint64 }
 
 // CommitStats reports the writer's counters.
 func (s *Store) CommitStats() CommitStats {
-	return CommitStats{Calls: s.stats.calls.Load(), Commits: s.stats.commits.Load(),
-		Conflicts: s.stats.conflicts.Load(), Unknown: s.stats.unknown.Load()}
+	var hits, misses uint64
+	if c := s.cache; c != nil {
+		c.mu.Lock()
+		hits, misses = c.hits, c.misses
+		c.mu.Unlock()
+	}
+	return CommitStats{CacheHits: hits, CacheMisses: misses, Calls: s.stats.calls.Load(), Commits: s.stats.commits.Load(),
+		Conflicts: s.stats.conflicts.Load(), Unknown: s.stats.unknown.Load(), Reads: s.stats.reads.Load()}
 }
 
 // Update implements store.Store. It returns once a quorum of etcd members
@@ -140,7 +150,7 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call) (answ
 		s.finish(batch[0], err)
 		return 1, false, 0
 	}
-	t := newTxn(ctx, s, rev, true)
+	t := newTxn(ctx, s, rev, commitRev, true)
 	tx := kv.NewTx(t)
 	for i, c := range batch {
 		err := run(c.fn, tx)

@@ -33,7 +33,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
+
 	"sync/atomic"
 	"time"
 
@@ -68,6 +68,9 @@ type Config struct {
 	// LeaderTTL is how long a broker that stops (crash, partition) keeps
 	// leadership of background work before another takes over. Default 5s.
 	LeaderTTL time.Duration
+	// CacheBytes bounds the read cache (see cache.go). Default 64 MiB;
+	// negative turns it off.
+	CacheBytes int
 }
 
 const (
@@ -104,7 +107,8 @@ type Store struct {
 	writerDone chan struct{}
 	stats      commitCounters
 
-	leadMu sync.Mutex
+	cache      *readCache // nil when off
+	stopFollow context.CancelFunc
 }
 
 var (
@@ -159,6 +163,15 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := s.initialise(ctx); err != nil {
 		_ = cli.Close()
 		return nil, err
+	}
+	if cfg.CacheBytes >= 0 {
+		if cfg.CacheBytes == 0 {
+			cfg.CacheBytes = 64 << 20
+		}
+		s.cache = newReadCache(cfg.CacheBytes)
+		fctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+		s.stopFollow = stop
+		go s.follow(fctx)
 	}
 	go s.writer()
 	return s, nil
@@ -219,11 +232,11 @@ func (s *Store) View(ctx context.Context, fn func(store.ReadTx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	rev, _, err := s.snapshot(ctx)
+	rev, commitRev, err := s.snapshot(ctx)
 	if err != nil {
 		return err
 	}
-	return fn(kv.NewTx(newTxn(ctx, s, rev, false)))
+	return fn(kv.NewTx(newTxn(ctx, s, rev, commitRev, false)))
 }
 
 // Ready implements store.Store: a quorum answers a linearizable read.
@@ -242,6 +255,9 @@ func (s *Store) Close() error {
 	}
 	close(s.quit)
 	<-s.writerDone
+	if s.stopFollow != nil {
+		s.stopFollow()
+	}
 	return s.cli.Close()
 }
 

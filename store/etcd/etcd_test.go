@@ -267,3 +267,33 @@ func TestMemberFailure(t *testing.T) {
 		return nil
 	}))
 }
+
+// The read cache never answers with a value another broker has changed:
+// every read after the other's Update returned sees the new value, while
+// values nobody changed are answered from the cache.
+func TestReadCacheNeverStale(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	a := open(t, c)
+	t.Cleanup(func() { _ = a.Close() })
+	prefix := fmt.Sprintf("/t%d/", prefixes.Load())
+	b := open(t, c, func(cfg *etcd.Config) { cfg.Prefix = prefix })
+	t.Cleanup(func() { _ = b.Close() })
+	require.NoError(t, a.Update(ctx, func(tx store.Tx) error { return tx.PutCursor("still", 42) }))
+	for i := range 200 {
+		require.NoError(t, b.Update(ctx, func(tx store.Tx) error { return tx.PutCursor("moving", uint64(i+1)) }))
+		check := func(tx store.ReadTx) error {
+			v, err := tx.GetCursor("moving")
+			require.NoError(t, err)
+			require.Equal(t, uint64(i+1), v, "read %d saw another broker's earlier value", i)
+			v, err = tx.GetCursor("still")
+			require.NoError(t, err)
+			require.Equal(t, uint64(42), v)
+			return nil
+		}
+		require.NoError(t, a.View(ctx, check))
+		require.NoError(t, a.Update(ctx, func(tx store.Tx) error { return check(tx) }))
+	}
+	st := a.CommitStats()
+	t.Logf("cache: %d hits, %d misses", st.CacheHits, st.CacheMisses)
+	require.Greater(t, st.CacheHits, uint64(200), "unchanged values come from the cache")
+}

@@ -29,15 +29,38 @@ var bucketSequences = []byte("sequences")
 var errReadOnly = errors.New("etcd: write in a read-only transaction")
 
 type txn struct {
-	s        *Store
-	ctx      context.Context
-	rev      int64 // the snapshot's revision
-	writable bool
-	buckets  map[string]*bucket
+	s   *Store
+	ctx context.Context
+	// rev is the snapshot's revision; commitRev the commit key's revision
+	// at it: no record changed between the two.
+	rev, commitRev int64
+	writable       bool
+	buckets        map[string]*bucket
+	waited         bool // for the read cache to catch up, once
 }
 
-func newTxn(ctx context.Context, s *Store, rev int64, writable bool) *txn {
-	return &txn{s: s, ctx: ctx, rev: rev, writable: writable, buckets: map[string]*bucket{}}
+func newTxn(ctx context.Context, s *Store, rev, commitRev int64, writable bool) *txn {
+	return &txn{s: s, ctx: ctx, rev: rev, commitRev: commitRev, writable: writable, buckets: map[string]*bucket{}}
+}
+
+// cached looks key up in the store's read cache (see readCache).
+func (t *txn) cached(key string) ([]byte, bool) {
+	c := t.s.cache
+	if c == nil {
+		return nil, false
+	}
+	if !t.waited {
+		t.waited = true
+		c.waitFor(t.commitRev, cacheWait)
+	}
+	return c.get(key, t.commitRev)
+}
+
+// remember offers a value read from etcd to the read cache.
+func (t *txn) remember(key string, val []byte) {
+	if t.s.cache != nil {
+		t.s.cache.put(key, val, t.commitRev)
+	}
 }
 
 func (t *txn) Bucket(name []byte) kv.Bucket { return t.bucket(name) }
@@ -103,6 +126,7 @@ func (t *txn) size() int {
 func (t *txn) get(key string, opts ...clientv3.OpOption) *clientv3.GetResponse {
 	ctx, cancel := context.WithTimeout(t.ctx, t.s.cfg.RequestTimeout)
 	defer cancel()
+	t.s.stats.reads.Add(1)
 	opts = append(opts, clientv3.WithRev(t.rev))
 	resp, err := t.s.cli.Get(ctx, key, append(opts, clientv3.WithSerializable())...)
 	if errors.Is(err, rpctypes.ErrFutureRev) {
@@ -145,6 +169,10 @@ func (b *bucket) stored(k string) []byte {
 	if v, ok := b.reads[k]; ok {
 		return v
 	}
+	if v, ok := b.t.cached(b.prefix + k); ok {
+		b.reads[k] = v
+		return v
+	}
 	var v []byte
 	if resp := b.t.get(b.prefix + k); len(resp.Kvs) > 0 {
 		v = resp.Kvs[0].Value
@@ -153,6 +181,7 @@ func (b *bucket) stored(k string) []byte {
 		}
 	}
 	b.reads[k] = v
+	b.t.remember(b.prefix+k, v)
 	return v
 }
 
@@ -440,6 +469,7 @@ func (c *cursor) keep(e entry) []byte {
 			v = []byte{}
 		}
 		c.b.reads[string(e.k)] = v
+		c.b.t.remember(c.b.prefix+string(e.k), v)
 	}
 	return e.k
 }
