@@ -18,7 +18,7 @@ export GOTOOLCHAIN := go1.26.10
 VULNDB_VERSION := v0.0.0-20261105234957-e22db6528018
 LINT_TOOLS := $(BIN)/golangci-lint $(BIN)/govulncheck
 
-.PHONY: help deps tools grpcurl build example-orchestrator generate generate-check lint breaking test test-go bench bench-postgres soak fuzz vuln demo clean
+.PHONY: help deps tools grpcurl build example-orchestrator example-cluster generate generate-check lint breaking test test-go bench bench-etcd bench-postgres soak fuzz vuln demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -30,7 +30,7 @@ NODE_DEPS := examples/node/node_modules/.package-lock.json
 
 SPIRE := $(BIN)/spire-server $(BIN)/spire-agent
 
-tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(SPIRE) $(BIN)/hydra $(LINT_TOOLS) $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
+tools: $(PROTO_TOOLS) $(BUF) $(BIN)/jaeger $(SPIRE) $(BIN)/hydra $(BIN)/etcd $(LINT_TOOLS) $(NODE_DEPS) ## install pinned tools into ./bin, tools/buf and examples/node
 
 $(PROTO_TOOLS) &: tools/proto/go.mod tools/proto/go.sum
 	cd tools/proto && GOBIN=$(BIN) go install tool
@@ -57,6 +57,11 @@ $(SPIRE) &: tools/spire/go.mod tools/spire/go.sum
 $(BIN)/hydra: tools/hydra/go.mod tools/hydra/go.sum
 	cd tools/hydra && GOBIN=$(BIN) go install -tags sqlite,sqlite_omit_load_extension tool
 	@touch $@
+
+# etcd 3.7 for the etcd store engine's tests, the benchmark and the cluster
+# example (~1 min cold).
+$(BIN)/etcd: tools/etcd/go.mod tools/etcd/go.sum tools/etcd/main.go
+	cd tools/etcd && go build -o $(BIN)/etcd .
 
 # The Node.js example agent's gRPC libraries, for its round-trip test.
 $(NODE_DEPS): examples/node/package.json examples/node/package-lock.json
@@ -102,7 +107,7 @@ test: deps tools generate-check lint test-go ## every check and test (what CI ru
 test-go: tools ## go test -race over every package
 	LEASEHOLD_GRPCURL=$(BIN)/grpcurl LEASEHOLD_JAEGER=$(BIN)/jaeger \
 	LEASEHOLD_SPIRE_SERVER=$(BIN)/spire-server LEASEHOLD_SPIRE_AGENT=$(BIN)/spire-agent LEASEHOLD_HYDRA=$(BIN)/hydra \
-	$(GO_TEST) ./...
+	LEASEHOLD_ETCD=$(BIN)/etcd $(GO_TEST) ./...
 
 BENCH_DIR ?= /var/tmp/leasehold-bench
 
@@ -113,6 +118,11 @@ bench: ## load test with the ratio to the ceiling, scale figures, Go benchmarks 
 	$(BIN)/leasehold-bench acquire --agents 64 --duration 10s --dir $(BENCH_DIR)/1m --prefill 1000000 --revoke-leases 10000
 	go test -run '^$$' -bench . -benchmem ./server/ ./store/bolt/
 
+bench-etcd: $(BIN)/etcd ## acquire throughput on one etcd member: one broker, then two sharing it (docs/benchmarks.md)
+	go build -o $(BIN)/leasehold-bench ./cmd/leasehold-bench
+	$(BIN)/leasehold-bench acquire --agents 64 --duration 10s --store etcd --brokers 1
+	$(BIN)/leasehold-bench acquire --agents 64 --duration 10s --store etcd --brokers 2
+
 bench-postgres: deps ## PostgreSQL leases issued and roles revoked per second (docs/benchmarks.md)
 	go test -run '^$$' -bench 'Postgres' -benchtime 3000x -count 3 ./server/
 
@@ -120,7 +130,7 @@ soak: ## 50 SIGKILL crash cycles under load against the broker binary (docs/reli
 	LEASEHOLD_CRASH_CYCLES=50 go test -count=1 -run TestCrashCycles -v ./cmd/leasehold/ | grep -E 'cycle|PASS|FAIL|ok'
 
 FUZZTIME ?= 30s
-FUZZ_PKGS := ./server/ ./store/bolt/ ./cmd/leasehold/
+FUZZ_PKGS := ./server/ ./store/internal/kv/ ./cmd/leasehold/
 
 fuzz: ## run every fuzz target for FUZZTIME each (seeds run in every `make test`)
 	@for p in $(FUZZ_PKGS); do for f in $$(go test -list '^Fuzz' $$p | grep ^Fuzz); do \

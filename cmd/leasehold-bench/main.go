@@ -49,8 +49,6 @@ func main() {
 	switch {
 	case os.Getenv(brokerEnv) != "":
 		err = runBroker(os.Getenv(brokerEnv))
-	case os.Getenv(etcdChildEnv) != "":
-		err = runEtcd(os.Getenv(etcdChildEnv))
 	case len(os.Args) >= 2 && os.Args[1] == "audit":
 		err = runAudit(os.Args[2:], os.Stdout)
 	case len(os.Args) >= 2 && os.Args[1] == "acquire":

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/leasehold/leasehold/store/etcd/etcdtest"
 )
 
 // The benchmark tool keeps working: a small run generates, serves and
@@ -28,13 +30,6 @@ func TestAuditBenchSmall(t *testing.T) {
 // TestMain lets the test binary play the broker child the acquire benchmark
 // re-executes.
 func TestMain(m *testing.M) {
-	if dir := os.Getenv(etcdChildEnv); dir != "" {
-		if err := runEtcd(dir); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
 	if dir := os.Getenv(brokerEnv); dir != "" {
 		if err := runBroker(dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -62,6 +57,7 @@ func TestAcquireBenchSmall(t *testing.T) {
 // With --store etcd and two brokers, the tool starts its own etcd member
 // and spreads the agents over both brokers, which share it.
 func TestAcquireBenchEtcdTwoBrokers(t *testing.T) {
+	t.Setenv("LEASEHOLD_ETCD", etcdtest.Binary(t))
 	var out bytes.Buffer
 	err := acquireBench(acquireOpts{dir: t.TempDir(), agents: 4, duration: time.Second, store: "etcd", brokers: 2}, &out)
 	require.NoError(t, err, out.String())

@@ -1,19 +1,22 @@
-// Package etcdtest runs real etcd members (go.etcd.io/etcd/server/v3/embed)
-// in the test process, on loopback, for tests of the etcd store engine and
-// of several brokers sharing one cluster.
+// Package etcdtest runs a real etcd cluster for tests: members are the
+// pinned etcd binary (tools/etcd, installed as bin/etcd by `make tools`),
+// started on loopback in their own processes so that a test can kill one
+// as a crash would (SIGKILL).
 package etcdtest
 
 import (
+	"bytes"
 	"fmt"
 	"net"
-	"net/url"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
-
-	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/zap"
 )
 
 // Options tune the cluster.
@@ -31,91 +34,138 @@ type Options struct {
 type Cluster struct {
 	t       testing.TB
 	mu      sync.Mutex
-	members []*embed.Etcd
+	procs   []*exec.Cmd
+	done    []chan struct{}
 	clients []string
+	logs    []*lockedBuffer
+}
+
+// Binary returns the etcd binary: $LEASEHOLD_ETCD, or bin/etcd at the
+// repository's root. Without it the test is skipped, or fails under CI=true.
+func Binary(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("LEASEHOLD_ETCD"); p != "" {
+		return p
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			if p := filepath.Join(dir, "bin", "etcd"); fileExists(p) {
+				return p
+			}
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			break
+		}
+		dir = parent
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("etcd binary not found: run 'make tools' or set LEASEHOLD_ETCD (CI must not skip this test)")
+	}
+	t.Skip("etcd binary not found; run 'make tools' or set LEASEHOLD_ETCD")
+	return ""
+}
+
+func fileExists(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && !st.IsDir()
 }
 
 // Start starts the cluster and stops it when the test ends.
 func Start(t testing.TB, o Options) *Cluster {
 	t.Helper()
+	bin := Binary(t)
 	if o.Members == 0 {
 		o.Members = 1
 	}
 	peers := make([]string, o.Members)
-	clientURLs := make([]string, o.Members)
+	c := &Cluster{t: t, clients: make([]string, o.Members), procs: make([]*exec.Cmd, o.Members),
+		done: make([]chan struct{}, o.Members), logs: make([]*lockedBuffer, o.Members)}
 	var initial []string
 	for i := range o.Members {
 		peers[i] = "http://" + freeAddr(t)
-		clientURLs[i] = "http://" + freeAddr(t)
+		c.clients[i] = "http://" + freeAddr(t)
 		initial = append(initial, fmt.Sprintf("m%d=%s", i, peers[i]))
 	}
-	token := fmt.Sprintf("leasehold-test-%d", time.Now().UnixNano())
-	c := &Cluster{t: t, clients: clientURLs, members: make([]*embed.Etcd, o.Members)}
 	t.Cleanup(c.stopAll)
-	var wg sync.WaitGroup
-	errs := make([]error, o.Members)
+	token := fmt.Sprintf("leasehold-test-%d", time.Now().UnixNano())
 	for i := range o.Members {
-		cfg := embed.NewConfig()
-		cfg.Name = fmt.Sprintf("m%d", i)
-		cfg.Dir = t.TempDir()
-		cfg.ListenPeerUrls = []url.URL{mustURL(peers[i])}
-		cfg.AdvertisePeerUrls = cfg.ListenPeerUrls
-		cfg.ListenClientUrls = []url.URL{mustURL(clientURLs[i])}
-		cfg.AdvertiseClientUrls = cfg.ListenClientUrls
-		cfg.InitialCluster = strings.Join(initial, ",")
-		cfg.InitialClusterToken = token
-		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-		cfg.UnsafeNoFsync = o.NoFsync
+		args := []string{"--name", fmt.Sprintf("m%d", i), "--data-dir", t.TempDir(),
+			"--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
+			"--listen-client-urls", c.clients[i], "--advertise-client-urls", c.clients[i],
+			"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-token", token,
+			"--initial-cluster-state", "new", "--log-level", "error"}
 		if o.MaxTxnOps > 0 {
-			cfg.MaxTxnOps = o.MaxTxnOps
+			args = append(args, "--max-txn-ops", fmt.Sprint(o.MaxTxnOps))
 		}
 		if o.MaxRequestBytes > 0 {
-			cfg.MaxRequestBytes = o.MaxRequestBytes
+			args = append(args, "--max-request-bytes", fmt.Sprint(o.MaxRequestBytes))
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			e, err := embed.StartEtcd(cfg)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			c.mu.Lock()
-			c.members[i] = e
-			c.mu.Unlock()
-			select {
-			case <-e.Server.ReadyNotify():
-			case <-time.After(60 * time.Second):
-				errs[i] = fmt.Errorf("etcd member %d not ready after 60s", i)
-			}
-		}()
-	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
+		if o.NoFsync {
+			args = append(args, "--unsafe-no-fsync")
+		}
+		cmd := exec.Command(bin, args...)
+		c.logs[i] = &lockedBuffer{}
+		cmd.Stdout, cmd.Stderr = c.logs[i], c.logs[i]
+		if err := cmd.Start(); err != nil {
 			t.Fatalf("etcdtest: start member %d: %v", i, err)
+		}
+		c.procs[i], c.done[i] = cmd, make(chan struct{})
+		go func() { _ = cmd.Wait(); close(c.done[i]) }()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for i := range o.Members {
+		for !healthy(c.clients[i]) {
+			select {
+			case <-c.done[i]:
+				t.Fatalf("etcdtest: member %d exited:\n%s", i, c.logs[i].String())
+			default:
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("etcdtest: member %d not healthy after 30s:\n%s", i, c.logs[i].String())
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 	return c
 }
 
+func healthy(clientURL string) bool {
+	cl := http.Client{Timeout: time.Second}
+	resp, err := cl.Get(clientURL + "/health")
+	if err != nil {
+		return false
+	}
+	defer resp.Body.Close()
+	var body bytes.Buffer
+	_, _ = body.ReadFrom(resp.Body)
+	return resp.StatusCode == http.StatusOK && strings.Contains(body.String(), `"health":"true"`)
+}
+
 // Endpoints are the members' client URLs.
 func (c *Cluster) Endpoints() []string { return append([]string(nil), c.clients...) }
 
-// Kill stops member i at once (its peers see it vanish).
+// Kill kills member i with SIGKILL, as a crash would.
 func (c *Cluster) Kill(i int) {
 	c.mu.Lock()
-	e := c.members[i]
-	c.members[i] = nil
+	cmd := c.procs[i]
+	c.procs[i] = nil
 	c.mu.Unlock()
-	if e != nil {
-		e.Server.HardStop()
-		e.Close()
+	if cmd != nil {
+		_ = cmd.Process.Signal(syscall.SIGKILL)
+		<-c.done[i]
 	}
 }
 
+// Logs returns what member i wrote.
+func (c *Cluster) Logs(i int) string { return c.logs[i].String() }
+
 func (c *Cluster) stopAll() {
-	for i := range c.members {
+	for i := range c.procs {
 		c.Kill(i)
 	}
 }
@@ -129,10 +179,19 @@ func freeAddr(t testing.TB) string {
 	return l.Addr().String()
 }
 
-func mustURL(s string) url.URL {
-	u, err := url.Parse(s)
-	if err != nil {
-		panic(err)
-	}
-	return *u
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
