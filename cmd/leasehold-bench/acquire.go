@@ -630,8 +630,8 @@ func openBenchStore(dir, endpoints string) (store.Store, func() string, error) {
 	}
 	return st, func() string {
 		s := st.CommitStats()
-		return fmt.Sprintf("%d store writes in %d etcd commits (%.1f per commit), %d lost to another broker's commit, %.1f reads from etcd per write, read cache %d hits %d misses",
-			s.Calls, s.Commits, float64(s.Calls)/max(float64(s.Commits), 1), s.Conflicts, float64(s.Reads)/max(float64(s.Calls), 1), s.CacheHits, s.CacheMisses)
+		return fmt.Sprintf("%d store writes in %d etcd commits (%.1f per commit), %d lost to another broker's commit (%d groups then under the write lock), %.1f reads from etcd per write, read cache %d hits %d misses",
+			s.Calls, s.Commits, float64(s.Calls)/max(float64(s.Commits), 1), s.Conflicts, s.Locked, float64(s.Reads)/max(float64(s.Calls), 1), s.CacheHits, s.CacheMisses)
 	}, nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 
 	"github.com/leasehold/leasehold/store"
 	"github.com/leasehold/leasehold/store/internal/kv"
@@ -31,6 +32,14 @@ import (
 // the others run again without it. A group whose writes outgrow the Txn
 // limits is cut before the closure that overflowed it.
 //
+// Optimism alone starves: with two brokers under load, the one whose groups
+// take longer to run loses every race. A writer that loses escalateAfter
+// races in a row takes the write lock (an etcd mutex, FIFO among waiters,
+// held through a session lease so a crashed holder frees it), and while
+// anyone holds or waits for it, optimistic commits fail (their Txn also
+// compares that the lock is free). Contended brokers so take turns; an
+// uncontended one never touches the lock.
+//
 // An etcd request that fails (a member died, a timeout) may still have been
 // applied. Each Txn also writes a marker key owned by this writer, holding
 // the Txn's id; after such a failure the writer reads the marker to learn
@@ -39,6 +48,10 @@ import (
 
 // maxBatch bounds the calls in one group.
 const maxBatch = 256
+
+// escalateAfter is how many races in a row a writer loses before it takes
+// the write lock.
+const escalateAfter = 2
 
 // ErrTxnTooLarge is returned by an Update whose writes alone exceed the
 // configured MaxTxnOps or MaxRequestBytes.
@@ -56,12 +69,13 @@ type CommitStats struct {
 	Conflicts uint64 // Txns refused because another commit came first
 	Unknown   uint64 // Txns whose outcome had to be read back after an error
 	Reads     uint64 // reads from etcd by transactions (View and Update)
+	Locked    uint64 // groups committed under the write lock
 	// CacheHits and CacheMisses count point reads the read cache answered
 	// and those it sent to etcd.
 	CacheHits, CacheMisses uint64
 }
 
-type commitCounters struct{ calls, commits, conflicts, unknown, reads atomic.Uint64 }
+type commitCounters struct{ calls, commits, conflicts, unknown, reads, locked atomic.Uint64 }
 
 // CommitStats reports the writer's counters.
 func (s *Store) CommitStats() CommitStats {
@@ -72,7 +86,7 @@ func (s *Store) CommitStats() CommitStats {
 		c.mu.Unlock()
 	}
 	return CommitStats{CacheHits: hits, CacheMisses: misses, Calls: s.stats.calls.Load(), Commits: s.stats.commits.Load(),
-		Conflicts: s.stats.conflicts.Load(), Unknown: s.stats.unknown.Load(), Reads: s.stats.reads.Load()}
+		Conflicts: s.stats.conflicts.Load(), Unknown: s.stats.unknown.Load(), Reads: s.stats.reads.Load(), Locked: s.stats.locked.Load()}
 }
 
 // Update implements store.Store. It returns once a quorum of etcd members
@@ -119,8 +133,12 @@ func (s *Store) writer() {
 				break gather
 			}
 		}
+		var held *concurrency.Mutex
 		for conflicts, limit := 0, len(batch); len(batch) > 0; {
-			n, conflict, cut := s.attempt(ctx, marker, batch[:min(limit, len(batch))])
+			if conflicts >= escalateAfter && held == nil {
+				held = s.lockWrites(ctx)
+			}
+			n, conflict, cut := s.attempt(ctx, marker, batch[:min(limit, len(batch))], held)
 			if cut > 0 {
 				limit = cut // run the calls before the one that failed alone
 				continue
@@ -134,7 +152,12 @@ func (s *Store) writer() {
 			// Another broker committed first: back off a little, with
 			// jitter, so two writers do not keep colliding.
 			conflicts++
-			time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond))))
+			if held == nil {
+				time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond))))
+			}
+		}
+		if held != nil {
+			s.unlockWrites(held)
 		}
 		clear(batch)
 	}
@@ -144,7 +167,7 @@ func (s *Store) writer() {
 // calls at the front it answered; whether the commit lost a race (then none
 // were answered); or, when a call after the first failed, cut: the number of
 // calls before it, to be run again on their own.
-func (s *Store) attempt(ctx context.Context, marker string, batch []*call) (answered int, conflict bool, cut int) {
+func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held *concurrency.Mutex) (answered int, conflict bool, cut int) {
 	rev, commitRev, err := s.snapshot(ctx)
 	if err != nil {
 		s.finish(batch[0], err)
@@ -170,9 +193,14 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call) (answ
 	}
 	id := randomID()
 	ops := append(t.ops(), clientv3.OpPut(s.commitKey(), id), clientv3.OpPut(marker, id))
-	cmp := clientv3.Compare(clientv3.ModRevision(s.commitKey()), "=", commitRev)
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.commitKey()), "=", commitRev)}
+	if held != nil {
+		cmps = append(cmps, held.IsOwner())
+	} else {
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.lockPrefix()).WithPrefix(), "=", 0))
+	}
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-	resp, err := s.cli.Txn(tctx).If(cmp).Then(ops...).Commit()
+	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
 	cancel()
 	applied := err == nil && resp.Succeeded
 	if err != nil {
@@ -225,10 +253,48 @@ func (s *Store) applied(ctx context.Context, marker, id string, txnErr error) (b
 	}
 }
 
+func (s *Store) lockPrefix() string { return s.prefix + "writelock/" }
+
+// lockWrites takes the write lock, or returns nil when it cannot (the
+// writer then stays optimistic).
+func (s *Store) lockWrites(ctx context.Context) *concurrency.Mutex {
+	if s.lockSession != nil {
+		select {
+		case <-s.lockSession.Done(): // its lease expired: start another
+			s.lockSession = nil
+		default:
+		}
+	}
+	if s.lockSession == nil {
+		sess, err := concurrency.NewSession(s.cli, concurrency.WithTTL(max(int(s.cfg.LeaderTTL.Seconds()), 1)), concurrency.WithContext(ctx))
+		if err != nil {
+			return nil
+		}
+		s.lockSession = sess
+	}
+	m := concurrency.NewMutex(s.lockSession, s.lockPrefix())
+	lctx, cancel := context.WithTimeout(ctx, 2*s.cfg.RequestTimeout)
+	defer cancel()
+	if err := m.Lock(lctx); err != nil {
+		return nil
+	}
+	s.stats.locked.Add(1)
+	return m
+}
+
+func (s *Store) unlockWrites(m *concurrency.Mutex) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout)
+	defer cancel()
+	_ = m.Unlock(ctx)
+}
+
 func (s *Store) dropMarker(marker string) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout)
 	defer cancel()
 	_, _ = s.cli.Delete(ctx, marker)
+	if s.lockSession != nil {
+		_ = s.lockSession.Close()
+	}
 }
 
 func (s *Store) finish(c *call, err error) {

@@ -38,6 +38,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 
 	"github.com/leasehold/leasehold/store"
@@ -107,8 +108,10 @@ type Store struct {
 	writerDone chan struct{}
 	stats      commitCounters
 
-	cache      *readCache // nil when off
-	stopFollow context.CancelFunc
+	cache *readCache // nil when off
+	// lockSession holds the write lock's lease; only the writer uses it.
+	lockSession *concurrency.Session
+	stopFollow  context.CancelFunc
 }
 
 var (
