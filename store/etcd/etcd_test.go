@@ -297,3 +297,57 @@ func TestReadCacheNeverStale(t *testing.T) {
 	t.Logf("cache: %d hits, %d misses", st.CacheHits, st.CacheMisses)
 	require.Greater(t, st.CacheHits, uint64(200), "unchanged values come from the cache")
 }
+
+// A broker whose transactions run slowly is not starved by a busy one: it
+// takes the write lock after losing races, and its Updates finish.
+func TestSlowWriterNotStarved(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	slow := open(t, c)
+	t.Cleanup(func() { _ = slow.Close() })
+	prefix := fmt.Sprintf("/t%d/", prefixes.Load())
+	busy := open(t, c, func(cfg *etcd.Config) { cfg.Prefix = prefix })
+	t.Cleanup(func() { _ = busy.Close() })
+
+	stop := make(chan struct{})
+	var g errgroup.Group
+	for i := range 8 {
+		g.Go(func() error {
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				if err := busy.Update(ctx, func(tx store.Tx) error { return tx.PutCursor(fmt.Sprint("busy", i), uint64(n)) }); err != nil {
+					return err
+				}
+			}
+		})
+	}
+	done := make(chan error, 1)
+	go func() {
+		for i := range 20 {
+			err := slow.Update(ctx, func(tx store.Tx) error {
+				if _, err := tx.GetCursor("slow"); err != nil {
+					return err
+				}
+				time.Sleep(5 * time.Millisecond) // a long transaction
+				return tx.PutCursor("slow", uint64(i))
+			})
+			if err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the slow writer starved")
+	}
+	close(stop)
+	require.NoError(t, g.Wait())
+	require.Positive(t, slow.CommitStats().Locked, "it won by taking the write lock")
+}
