@@ -2,7 +2,11 @@ package etcd_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
+	"os"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -350,4 +354,30 @@ func TestSlowWriterNotStarved(t *testing.T) {
 	close(stop)
 	require.NoError(t, g.Wait())
 	require.Positive(t, slow.CommitStats().Locked, "it won by taking the write lock")
+}
+
+// With mutual TLS the broker reaches etcd with its client certificate; a
+// client without one is refused.
+func TestMutualTLS(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true, MutualTLS: true})
+	files := c.TLS()
+	pool := x509.NewCertPool()
+	caPEM, err := os.ReadFile(files.CAFile)
+	require.NoError(t, err)
+	require.True(t, pool.AppendCertsFromPEM(caPEM))
+	cert, err := tls.LoadX509KeyPair(files.CertFile, files.KeyFile)
+	require.NoError(t, err)
+	for _, e := range c.Endpoints() {
+		require.True(t, strings.HasPrefix(e, "https://"), e)
+	}
+
+	s, err := etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), TLS: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}})
+	require.NoError(t, err)
+	require.NoError(t, s.Update(ctx, func(tx store.Tx) error { return tx.PutCursor("tls", 1) }))
+	require.NoError(t, s.Close())
+
+	octx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	_, err = etcd.Open(octx, etcd.Config{Endpoints: c.Endpoints(), DialTimeout: 2 * time.Second, TLS: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}})
+	require.Error(t, err, "no client certificate, no access")
 }

@@ -28,6 +28,15 @@ type Options struct {
 	MaxRequestBytes uint
 	// NoFsync trades durability for speed in tests that measure nothing durable.
 	NoFsync bool
+	// MutualTLS serves clients over https and requires a client
+	// certificate signed by the cluster's test CA (see Cluster.TLS).
+	MutualTLS bool
+}
+
+// TLSFiles are the PEM files of a MutualTLS cluster: the CA that signed the
+// members' and the client's certificates, and the client's pair.
+type TLSFiles struct {
+	CAFile, CertFile, KeyFile string
 }
 
 // Cluster is a running etcd cluster.
@@ -38,7 +47,11 @@ type Cluster struct {
 	done    []chan struct{}
 	clients []string
 	logs    []*lockedBuffer
+	tls     TLSFiles
 }
+
+// TLS returns the client-side files of a MutualTLS cluster.
+func (c *Cluster) TLS() TLSFiles { return c.tls }
 
 // Binary returns the etcd binary: $LEASEHOLD_ETCD, or bin/etcd at the
 // repository's root. Without it the test is skipped, or fails under CI=true.
@@ -85,10 +98,18 @@ func Start(t testing.TB, o Options) *Cluster {
 	peers := make([]string, o.Members)
 	c := &Cluster{t: t, clients: make([]string, o.Members), procs: make([]*exec.Cmd, o.Members),
 		done: make([]chan struct{}, o.Members), logs: make([]*lockedBuffer, o.Members)}
+	scheme := "http://"
+	var serverTLS []string
+	if o.MutualTLS {
+		scheme = "https://"
+		dir := t.TempDir()
+		serverTLS = writeTestPKI(t, dir)
+		c.tls = TLSFiles{CAFile: filepath.Join(dir, "ca.pem"), CertFile: filepath.Join(dir, "client.pem"), KeyFile: filepath.Join(dir, "client-key.pem")}
+	}
 	var initial []string
 	for i := range o.Members {
 		peers[i] = "http://" + freeAddr(t)
-		c.clients[i] = "http://" + freeAddr(t)
+		c.clients[i] = scheme + freeAddr(t)
 		initial = append(initial, fmt.Sprintf("m%d=%s", i, peers[i]))
 	}
 	t.Cleanup(c.stopAll)
@@ -108,6 +129,7 @@ func Start(t testing.TB, o Options) *Cluster {
 		if o.NoFsync {
 			args = append(args, "--unsafe-no-fsync")
 		}
+		args = append(args, serverTLS...)
 		cmd := exec.Command(bin, args...)
 		c.logs[i] = &lockedBuffer{}
 		cmd.Stdout, cmd.Stderr = c.logs[i], c.logs[i]
@@ -119,7 +141,7 @@ func Start(t testing.TB, o Options) *Cluster {
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for i := range o.Members {
-		for !healthy(c.clients[i]) {
+		for !c.healthy(i) {
 			select {
 			case <-c.done[i]:
 				t.Fatalf("etcdtest: member %d exited:\n%s", i, c.logs[i].String())
@@ -134,9 +156,16 @@ func Start(t testing.TB, o Options) *Cluster {
 	return c
 }
 
-func healthy(clientURL string) bool {
+func (c *Cluster) healthy(i int) bool {
 	cl := http.Client{Timeout: time.Second}
-	resp, err := cl.Get(clientURL + "/health")
+	if c.tls.CAFile != "" {
+		tc, err := clientTLS(c.tls)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		cl.Transport = &http.Transport{TLSClientConfig: tc}
+	}
+	resp, err := cl.Get(c.clients[i] + "/health")
 	if err != nil {
 		return false
 	}
