@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
 
 	"github.com/leasehold/leasehold/store"
 )
@@ -82,5 +83,9 @@ func (s *Server) writeFailed(ctx context.Context, err error) error {
 		return err
 	}
 	s.log.ErrorContext(ctx, "store write failed", "error", err.Error(), "request_id", requestIDFrom(ctx))
+	if errors.Is(err, store.ErrTooLarge) {
+		// The engine's message names only counts and settings.
+		return newAPIError(codes.ResourceExhausted, "%s; nothing was changed", err.Error())
+	}
 	return errAuditUnavailable
 }

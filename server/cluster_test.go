@@ -85,14 +85,19 @@ func newCluster(t *testing.T, members int) *cluster {
 	require.NoError(t, seal.CreateFile(filepath.Join(dir, "kek")))
 	keyr, err := seal.LoadFile(filepath.Join(dir, "kek"))
 	require.NoError(t, err)
-	return &cluster{t: t, etcd: etcdtest.Start(t, etcdtest.Options{Members: members, MaxTxnOps: 4096, MaxRequestBytes: 8 << 20}),
+	// The Txn limits docs/deployment.md asks etcd and brokers to run with.
+	return &cluster{t: t, etcd: etcdtest.Start(t, etcdtest.Options{Members: members, MaxTxnOps: 32768, MaxRequestBytes: 8 << 20}),
 		ca: ca, keyr: keyr, upstream: &outageBackend{revoked: map[string]int{}}, prefix: "/cluster-test/"}
 }
 
-func (c *cluster) start() *replica {
+func (c *cluster) start(mod ...func(*etcd.Config)) *replica {
 	t := c.t
-	st, err := etcd.Open(ctx, etcd.Config{Endpoints: c.etcd.Endpoints(), Prefix: c.prefix, LeaderTTL: time.Second,
-		MaxTxnOps: 4096, MaxRequestBytes: 8 << 20, RequestTimeout: 2 * time.Second})
+	cfg := etcd.Config{Endpoints: c.etcd.Endpoints(), Prefix: c.prefix, LeaderTTL: time.Second,
+		MaxTxnOps: 32768, MaxRequestBytes: 8 << 20, RequestTimeout: 2 * time.Second}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	st, err := etcd.Open(ctx, cfg)
 	require.NoError(t, err)
 	admins, err := identity.NewAdminSet(td, []string{adminID})
 	require.NoError(t, err)
@@ -102,7 +107,7 @@ func (c *cluster) start() *replica {
 	svid, err := c.ca.Issue(spiffeid.RequireFromString("spiffe://leasehold.test/leasehold/broker"), identity.SVIDOptions{})
 	require.NoError(t, err)
 	r := &replica{st: st, logs: &syncBuffer{}, served: make(chan error, 1)}
-	r.srv, err = server.New(server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 50 * time.Millisecond,
+	r.srv, err = server.New(server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 50 * time.Millisecond, AcquireRate: -1,
 		RevocationPoll: 50 * time.Millisecond, RevocationMinBackoff: 50 * time.Millisecond, RevocationMaxBackoff: 200 * time.Millisecond},
 		server.Deps{Store: st, Backends: reg, Keyring: c.keyr,
 			Credentials: identity.ServerCredentials(identity.StaticSource{SVID: svid, Bundle: c.ca.Bundle()}, td),
@@ -298,4 +303,53 @@ func TestBrokersSurviveEtcdMemberLoss(t *testing.T) {
 	v, err := admin.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
 	require.NoError(t, err)
 	require.True(t, v.GetOk(), v.GetProblem())
+}
+
+// RevokeAgent ends all of an agent's leases in one etcd Txn. An agent at
+// the default quota (1,000 active leases) fits under the limits
+// docs/deployment.md gives; under smaller ones RevokeAgent fails whole,
+// saying which setting to raise, and changes nothing.
+func TestRevokeAgentAtQuotaFitsOneTxn(t *testing.T) {
+	c := newCluster(t, 1)
+	documented := c.start()
+	small := c.start(func(cfg *etcd.Config) { cfg.MaxTxnOps = 4096 })
+	admin := leaseholdv1.NewAdminServiceClient(c.dial(documented, adminID))
+	_, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/app", Backend: "outage", Secret: map[string]string{"k": "v"}})
+	require.NoError(t, err)
+	_, err = admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+		Subject: &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: "spiffe://leasehold.test/agents"}, Credential: "db/app", Scopes: []string{"read"}}})
+	require.NoError(t, err)
+	agent := leaseholdv1.NewBrokerServiceClient(c.dial(documented, agent1ID))
+	var g sync.WaitGroup
+	var failed atomic.Int64
+	for w := range 8 {
+		g.Go(func() {
+			for i := w; i < 1000; i += 8 {
+				if _, err := agent.AcquireLease(ctx, acquireReq("db/app", fmt.Sprint("t", i), "read")); err != nil {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	g.Wait()
+	require.Zero(t, failed.Load())
+
+	smallAdmin := leaseholdv1.NewAdminServiceClient(c.dial(small, adminID))
+	_, err = smallAdmin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "too big here"})
+	requireCode(t, err, codes.ResourceExhausted, "max_txn_ops 4096")
+	require.Contains(t, err.Error(), "nothing was changed")
+	_, err = agent.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: mustLeaseID(t, admin, agent1ID)})
+	require.NoError(t, err, "the agent is not revoked: nothing was changed")
+
+	resp, err := admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "compromised"})
+	require.NoError(t, err)
+	require.EqualValues(t, 1000, resp.GetLeasesRevoked())
+}
+
+func mustLeaseID(t *testing.T, admin leaseholdv1.AdminServiceClient, agent string) string {
+	t.Helper()
+	r, err := admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agent, ActiveOnly: true, PageSize: 1})
+	require.NoError(t, err)
+	require.NotEmpty(t, r.GetLeases())
+	return r.GetLeases()[0].GetId()
 }

@@ -232,8 +232,8 @@ type Server struct {
 	stopOnce sync.Once
 	// leading is set while this broker runs the background work.
 	leading atomic.Bool
-	stop     chan struct{}
-	bg       sync.WaitGroup
+	stop    chan struct{}
+	bg      sync.WaitGroup
 	// life orders starting the background workers against Stop: workers
 	// never start after a Stop, and Stop never waits while they are added.
 	life    sync.Mutex

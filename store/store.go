@@ -27,6 +27,9 @@ var (
 	ErrClosed = errors.New("store closed")
 	// ErrSchema: the data was written by an incompatible schema version.
 	ErrSchema = errors.New("incompatible schema version")
+	// ErrTooLarge: an Update's writes exceed what the engine commits in one
+	// transaction (store/etcd: the cluster's Txn limits). Nothing was written.
+	ErrTooLarge = errors.New("transaction too large")
 )
 
 // Store is a transactional record store.

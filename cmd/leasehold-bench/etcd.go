@@ -18,8 +18,8 @@ import (
 // tools`, or $LEASEHOLD_ETCD) in its own process, data in --dir, fsync on,
 // with the Txn limits the brokers are configured for (docs/deployment.md).
 const (
-	etcdMaxTxnOps       = 16384
-	etcdMaxRequestBytes = 16 << 20
+	etcdMaxTxnOps       = 32768
+	etcdMaxRequestBytes = 8 << 20
 )
 
 type etcdChild struct {

@@ -33,7 +33,7 @@ import (
 // serving; the killed broker restarts. No acknowledged lease or audit record
 // is lost, and the trail verifies.
 func TestTwoBrokersOnEtcdCluster(t *testing.T) {
-	cluster := etcdtest.Start(t, etcdtest.Options{Members: 3, MaxTxnOps: 4096, MaxRequestBytes: 8 << 20})
+	cluster := etcdtest.Start(t, etcdtest.Options{Members: 3, MaxTxnOps: 32768, MaxRequestBytes: 8 << 20})
 	dir := t.TempDir()
 	dev := filepath.Join(dir, "dev")
 	cfg, err := prepareDev(dev, "example.org", "127.0.0.1:0")
@@ -52,7 +52,7 @@ store:
   engine: etcd
   endpoints: [%s]
   prefix: /leasehold/
-  max_txn_ops: 4096
+  max_txn_ops: 32768
   max_request_bytes: 8388608
   leader_ttl: 2s
 kek_file: %s

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	mrand "math/rand/v2"
 	"sync/atomic"
@@ -55,7 +54,7 @@ const escalateAfter = 2
 
 // ErrTxnTooLarge is returned by an Update whose writes alone exceed the
 // configured MaxTxnOps or MaxRequestBytes.
-var ErrTxnTooLarge = errors.New("etcd: transaction too large")
+var ErrTxnTooLarge = fmt.Errorf("etcd: %w", store.ErrTooLarge)
 
 type call struct {
 	fn   func(store.Tx) error
