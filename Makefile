@@ -142,5 +142,8 @@ demo: build ## dev broker, an agent acquiring/using/releasing a lease, the audit
 example-orchestrator: build ## an orchestrator and two sub-agents doing one task with leases
 	LEASEHOLD=$(BIN)/leasehold scripts/orchestrator.sh
 
+example-cluster: build $(BIN)/etcd ## three etcd members, two brokers sharing them; kill the leader, then a member (docs/deployment.md)
+	LEASEHOLD=$(BIN)/leasehold ETCD=$(BIN)/etcd scripts/cluster.sh
+
 clean: ## remove built binaries and demo state
-	rm -rf $(BIN) .demo .demo-orchestrator
+	rm -rf $(BIN) .demo .demo-orchestrator .demo-cluster

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,6 +35,7 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 	tdName := fs.String("trust-domain", "leasehold.dev", "trust domain of the dev CA")
 	traceConsole := fs.Bool("trace-console", false, "print spans to standard error (unless OTEL_TRACES_EXPORTER says otherwise)")
 	execDir := fs.String("rotator-exec-dir", os.Getenv("LEASEHOLD_ROTATOR_EXEC_DIR"), "directory the exec backend may run rotators from (off when empty)")
+	endpoints := fs.String("store-endpoints", "", "comma-separated etcd client URLs: keep records in etcd (run with --max-txn-ops 32768 --max-request-bytes 8388608), shared by every dev broker on the same --dir, instead of a bbolt file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -42,6 +44,10 @@ func cmdDev(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	cfg.Rotators.ExecDir = *execDir
+	if *endpoints != "" {
+		cfg.Store = StoreConfig{Engine: "etcd", Endpoints: strings.Split(*endpoints, ","), Prefix: "/leasehold-dev/",
+			MaxTxnOps: 32768, MaxRequestBytes: 8 << 20, LeaderTTL: 2 * time.Second}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	traceDefault := "none"

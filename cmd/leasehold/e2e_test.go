@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/leasehold/leasehold/store/etcd/etcdtest"
 )
 
 // The end-to-end tests run the built leasehold binary as users do.
@@ -228,6 +230,23 @@ func TestExampleOrchestrator(t *testing.T) {
 	require.Contains(t, string(out), "agent-1 afterwards: leasehold: PermissionDenied")
 	require.Regexp(t, `lease_release\s+allow\s+spiffe://leasehold.dev/agents/agent-2\s+\S+\s+db/warehouse\s+report-42/db\s+ls_\w+\s+spiffe://leasehold.dev/agents/orchestrator`,
 		string(out), "the trail says agent-2 acted for the orchestrator")
+}
+
+// The cluster example's make target: three etcd members, two dev brokers on
+// them, a revocation on one in force on the other, the leader killed and
+// replaced, an etcd member killed.
+func TestExampleCluster(t *testing.T) {
+	cmd := exec.Command("bash", "scripts/cluster.sh")
+	cmd.Dir = "../.."
+	cmd.Env = append(os.Environ(), "LEASEHOLD="+leaseholdBin, "ETCD="+etcdtest.Binary(t), "DEMO_DIR="+filepath.Join(t.TempDir(), "cluster"))
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Regexp(t, `agent-1 on b got lease ls_\w+`, string(out), "a grant made on a is used on b")
+	require.Contains(t, string(out), "leasehold: PermissionDenied: agent spiffe://leasehold.dev/agents/agent-1 is revoked")
+	require.Regexp(t, `broker [ab] took over the background work`, string(out))
+	require.Regexp(t, `(?s)an etcd member is killed.*agent-2 on [ab] got lease ls_\w+`, string(out))
+	require.Contains(t, string(out), "audit chain OK: 8 records checked")
+	require.NotContains(t, string(out), "unexpected")
 }
 
 // TestServeWithConfigFile runs `leasehold serve --config` on the files a dev
