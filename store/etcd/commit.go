@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	mrand "math/rand/v2"
 	"sync/atomic"
@@ -152,7 +153,8 @@ func (s *Store) writer() {
 			// jitter, so two writers do not keep colliding.
 			conflicts++
 			if held == nil {
-				time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond))))
+				// Jitter only spreads retries; it need not be unpredictable.
+				time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond)))) // #nosec G404
 			}
 		}
 		if held != nil {
@@ -246,7 +248,8 @@ func (s *Store) applied(ctx context.Context, marker, id string, txnErr error) (b
 			return len(resp.Kvs) > 0 && string(resp.Kvs[0].Value) == id, nil
 		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
-			return false, fmt.Errorf("etcd: commit outcome unknown (commit failed: %v; reading it back failed: %w)", txnErr, err)
+			return false, fmt.Errorf("etcd: commit outcome unknown: %w", errors.Join(
+				fmt.Errorf("commit failed: %w", txnErr), fmt.Errorf("reading it back failed: %w", err)))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

@@ -176,7 +176,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.stopFollow = stop
 		go s.follow(fctx)
 	}
-	go s.writer()
+	go s.writer() // #nosec G118 -- the writer outlives Open's ctx; Close stops it
 	return s, nil
 }
 
