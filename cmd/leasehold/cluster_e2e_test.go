@@ -192,6 +192,23 @@ log: {format: json}
 		r, err := admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: "spiffe://example.org/agents/agent-2", ActiveOnly: true})
 		return err == nil && len(r.GetLeases()) == 0
 	}, 15*time.Second, 100*time.Millisecond, "the reaper, now on another broker, ends every expired lease")
+	// And each has its acquire record in the trail.
+	acquired := map[string]bool{}
+	for page := ""; ; {
+		r, err := admin.QueryAudit(ctx, &leaseholdv1.QueryAuditRequest{AgentId: "spiffe://example.org/agents/agent-2", PageSize: 1000, PageToken: page})
+		require.NoError(t, err)
+		for _, rec := range r.GetRecords() {
+			if rec.GetEvent() == leaseholdv1.AuditEvent_AUDIT_EVENT_LEASE_ACQUIRE {
+				acquired[rec.GetLeaseId()] = true
+			}
+		}
+		if page = r.GetNextPageToken(); page == "" {
+			break
+		}
+	}
+	for id := range acked {
+		require.True(t, acquired[id], "acknowledged lease %s has its acquire record", id)
+	}
 	v, err := admin.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
 	require.NoError(t, err)
 	require.True(t, v.GetOk(), "%s at %d", v.GetProblem(), v.GetFirstBrokenSequence())
