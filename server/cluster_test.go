@@ -194,6 +194,24 @@ func TestTwoBrokersOneEtcd(t *testing.T) {
 	other, err := otherOnB.AcquireLease(ctx, acquireReq("db/app", "t3", "read"))
 	require.NoError(t, err)
 
+	// The agent watches its leases on B.
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	watch, err := agentOnB.WatchLeases(wctx, &leaseholdv1.WatchLeasesRequest{FromNow: true})
+	require.NoError(t, err)
+	_, err = watch.Recv() // the sync marker
+	require.NoError(t, err)
+	events := make(chan *leaseholdv1.WatchLeasesResponse, 8)
+	go func() {
+		for {
+			ev, err := watch.Recv()
+			if err != nil {
+				return
+			}
+			events <- ev
+		}
+	}()
+
 	// RevokeAgent on A with the upstream down: denied on B as soon as it
 	// returns, and both of the agent's leases are ended, their artifacts
 	// queued.
@@ -201,6 +219,19 @@ func TestTwoBrokersOneEtcd(t *testing.T) {
 	resp, err := adminA.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "compromised"})
 	require.NoError(t, err)
 	require.EqualValues(t, 2, resp.GetLeasesRevoked())
+	// B's watch stream hears of A's revocation (B itself committed nothing).
+	revoked := map[string]bool{}
+	for len(revoked) < 2 {
+		select {
+		case ev := <-events:
+			if ev.GetEvent() == leaseholdv1.LeaseEvent_LEASE_EVENT_REVOKED {
+				revoked[ev.GetLeaseId()] = true
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the watch on B did not report the revocation made on A (got %v)", revoked)
+		}
+	}
+	require.True(t, revoked[l1.GetLease().GetId()] && revoked[l2.GetLease().GetId()])
 	_, err = agentOnB.AcquireLease(ctx, acquireReq("db/app", "t4", "read"))
 	requireCode(t, err, codes.PermissionDenied, "revoked")
 	_, err = agentOnB.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: l1.GetLease().GetId()})

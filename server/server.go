@@ -266,6 +266,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	}
 	deps.Logger = slog.New(traceLogHandler{deps.Logger.Handler()})
 	committed := newNotifier()
+	if cn, ok := deps.Store.(store.CommitNotifier); ok {
+		cn.OnCommit(committed.notify)
+	}
 	guard := &guardedStore{Store: deps.Store, n: committed, deadline: cfg.AuditDeadline}
 	s := &Server{
 		cfg: cfg, store: guard, guard: guard, auditCommitted: committed, backends: deps.Backends, keyring: deps.Keyring,

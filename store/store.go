@@ -433,6 +433,14 @@ func (q AuditQuery) Matches(r *AuditRecord) bool {
 		(q.End.IsZero() || r.Time.Before(q.End))
 }
 
+// CommitNotifier is implemented by engines that other processes write to:
+// fn runs after every commit, this process's or another's, so that waiters
+// (lease and audit watch streams, the revocation queue) wake for changes
+// another broker made.
+type CommitNotifier interface {
+	OnCommit(fn func())
+}
+
 // Elector is implemented by engines that several brokers share. A broker
 // runs its background work (the expiry reaper, the revocation queue,
 // rotation, audit retention and export) only while it leads, so one broker

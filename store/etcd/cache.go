@@ -171,7 +171,8 @@ func (c *readCache) waitFor(rev int64, d time.Duration) {
 	}
 }
 
-// follow keeps the cache current until ctx ends.
+// follow keeps the cache current and tells OnCommit's callbacks about
+// every commit, this broker's or another's, until ctx ends.
 func (s *Store) follow(ctx context.Context) {
 	for ctx.Err() == nil {
 		rctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
@@ -185,13 +186,26 @@ func (s *Store) follow(ctx context.Context) {
 			continue
 		}
 		start := resp.Header.Revision
-		s.cache.reset(start)
+		if s.cache != nil {
+			s.cache.reset(start)
+		}
+		// Commits between the last event seen and start are not replayed:
+		// wake the listeners once so they look.
+		s.committed()
 		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		for wr := range s.cli.Watch(wctx, s.prefix, clientv3.WithPrefix(), clientv3.WithRev(start+1), clientv3.WithProgressNotify()) {
 			if wr.Err() != nil {
 				break
 			}
-			s.cache.apply(wr.Events, through(wr))
+			if s.cache != nil {
+				s.cache.apply(wr.Events, through(wr))
+			}
+			for _, ev := range wr.Events {
+				if string(ev.Kv.Key) == s.commitKey() {
+					s.committed()
+					break
+				}
+			}
 		}
 		wcancel()
 	}

@@ -33,7 +33,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -108,15 +108,18 @@ type Store struct {
 	writerDone chan struct{}
 	stats      commitCounters
 
-	cache *readCache // nil when off
+	cache   *readCache // nil when off
+	hooksMu sync.Mutex
+	hooks   []func()
 	// lockSession holds the write lock's lease; only the writer uses it.
 	lockSession *concurrency.Session
 	stopFollow  context.CancelFunc
 }
 
 var (
-	_ store.Store   = (*Store)(nil)
-	_ store.Elector = (*Store)(nil)
+	_ store.Store          = (*Store)(nil)
+	_ store.Elector        = (*Store)(nil)
+	_ store.CommitNotifier = (*Store)(nil)
 )
 
 // commitKey is the key whose revision orders every commit.
@@ -172,10 +175,10 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 			cfg.CacheBytes = 64 << 20
 		}
 		s.cache = newReadCache(cfg.CacheBytes)
-		fctx, stop := context.WithCancel(context.WithoutCancel(ctx))
-		s.stopFollow = stop
-		go s.follow(fctx)
 	}
+	fctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	s.stopFollow = stop
+	go s.follow(fctx)
 	go s.writer() // #nosec G118 -- the writer outlives Open's ctx; Close stops it
 	return s, nil
 }
@@ -262,6 +265,23 @@ func (s *Store) Close() error {
 		s.stopFollow()
 	}
 	return s.cli.Close()
+}
+
+// OnCommit implements store.CommitNotifier: fn runs after each commit any
+// broker makes under the prefix, as the watch reports it.
+func (s *Store) OnCommit(fn func()) {
+	s.hooksMu.Lock()
+	defer s.hooksMu.Unlock()
+	s.hooks = append(s.hooks, fn)
+}
+
+func (s *Store) committed() {
+	s.hooksMu.Lock()
+	hooks := s.hooks
+	s.hooksMu.Unlock()
+	for _, fn := range hooks {
+		fn()
+	}
 }
 
 // Client is the engine's etcd client, for tools and tests that inspect the
