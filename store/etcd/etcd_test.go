@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/stretchr/testify/require"
@@ -380,4 +381,64 @@ func TestMutualTLS(t *testing.T) {
 	defer cancel()
 	_, err = etcd.Open(octx, etcd.Config{Endpoints: c.Endpoints(), DialTimeout: 2 * time.Second, TLS: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}})
 	require.Error(t, err, "no client certificate, no access")
+}
+
+// With etcd authentication on, a user whose role may read and write only
+// the prefix is enough for everything a broker does there: records, the
+// commit key, writer markers, the write lock and the leader election.
+func TestAuthPrefixOnly(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true})
+	root, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	require.NoError(t, err)
+	defer root.Close()
+	_, err = root.RoleAdd(ctx, "root")
+	require.NoError(t, err)
+	_, err = root.UserAdd(ctx, "root", "root-pw")
+	require.NoError(t, err)
+	_, err = root.UserGrantRole(ctx, "root", "root")
+	require.NoError(t, err)
+	_, err = root.RoleAdd(ctx, "leasehold")
+	require.NoError(t, err)
+	_, err = root.RoleGrantPermission(ctx, "leasehold", "/lh/", clientv3.GetPrefixRangeEnd("/lh/"), clientv3.PermissionType(clientv3.PermReadWrite))
+	require.NoError(t, err)
+	_, err = root.UserAdd(ctx, "leasehold", "lh-pw")
+	require.NoError(t, err)
+	_, err = root.UserGrantRole(ctx, "leasehold", "leasehold")
+	require.NoError(t, err)
+	_, err = root.AuthEnable(ctx)
+	require.NoError(t, err)
+
+	cfg := etcd.Config{Endpoints: c.Endpoints(), Prefix: "/lh/", Username: "leasehold", Password: "lh-pw", LeaderTTL: time.Second}
+	a, err := etcd.Open(ctx, cfg)
+	require.NoError(t, err)
+	defer a.Close()
+	b, err := etcd.Open(ctx, cfg)
+	require.NoError(t, err)
+	defer b.Close()
+	var g errgroup.Group
+	for i := range 8 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		g.Go(func() error {
+			for j := range 10 {
+				if err := s.Update(ctx, func(tx store.Tx) error {
+					_, err := tx.AppendAudit(&store.AuditRecord{Event: store.EventLeaseAcquire, Actor: fmt.Sprint(i, j)})
+					return err
+				}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	require.NoError(t, g.Wait())
+	led, resign, err := a.Lead(ctx)
+	require.NoError(t, err)
+	require.NoError(t, led.Err())
+	resign()
+
+	_, err = etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), Prefix: "/other/", Username: "leasehold", Password: "lh-pw"})
+	require.Error(t, err, "outside its prefix the user may do nothing")
 }
