@@ -22,8 +22,17 @@
 // RevokeAgent over thousands of leases) fails whole, changing nothing, with
 // an error naming the setting. docs/deployment.md gives the values to run.
 //
+// Reads. Point reads are answered by a read cache when an etcd watch proves
+// the cached value is the one at the transaction's snapshot (cache.go);
+// everything else is read from etcd at the snapshot's revision. The same
+// watch tells OnCommit's callbacks about every broker's commits.
+//
+// Leadership. Lead (store.Elector) campaigns in an etcd election; the
+// server runs its background work only while it leads (lead.go).
+//
 // Values are the kv layout's JSON records; <prefix>meta/schema_version holds
-// the schema version and a broker refuses a newer one.
+// the schema version and a broker refuses a newer one. Every key the engine
+// uses is under the prefix, so an etcd role limited to it suffices.
 package etcd
 
 import (
