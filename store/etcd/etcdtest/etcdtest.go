@@ -112,10 +112,16 @@ func Start(t testing.TB, o Options) *Cluster {
 		c.clients[i] = scheme + freeAddr(t)
 		initial = append(initial, fmt.Sprintf("m%d=%s", i, peers[i]))
 	}
+	dataDirs := make([]string, o.Members)
+	for i := range dataDirs {
+		dataDirs[i] = t.TempDir()
+	}
+	// Registered after the temporary directories, so it runs before their
+	// removal: the members are dead before their files go.
 	t.Cleanup(c.stopAll)
 	token := fmt.Sprintf("leasehold-test-%d", time.Now().UnixNano())
 	for i := range o.Members {
-		args := []string{"--name", fmt.Sprintf("m%d", i), "--data-dir", t.TempDir(),
+		args := []string{"--name", fmt.Sprintf("m%d", i), "--data-dir", dataDirs[i],
 			"--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
 			"--listen-client-urls", c.clients[i], "--advertise-client-urls", c.clients[i],
 			"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-token", token,
