@@ -111,11 +111,11 @@ func errQuota(format string, args ...any) error {
 // overshoot.
 func (s *Server) checkQuotas(tx store.ReadTx, agent, task string) error {
 	if max := s.cfg.MaxActiveLeasesPerAgent; max > 0 {
-		active, err := tx.ListLeases(store.LeaseFilter{AgentID: agent, ActiveOnly: true}, "", max)
+		active, err := tx.CountActiveLeases(agent, max)
 		if err != nil {
 			return err
 		}
-		if len(active) >= max {
+		if active >= max {
 			return errQuota("agent %s already holds %d active leases, the most allowed; release some first", agent, max)
 		}
 	}

@@ -77,6 +77,10 @@ type ReadTx interface {
 	// ActiveLeaseCount is the number of leases in state Active, kept by the
 	// engine as leases change (no scan).
 	ActiveLeaseCount() (int64, error)
+	// CountActiveLeases counts one agent's leases in state Active, stopping
+	// at limit (limit <= 0: no limit), from the agent index's state bytes
+	// without loading the leases.
+	CountActiveLeases(agent string, limit int) (int, error)
 	// ActiveLeasesExpiringBefore lists active leases whose ExpiresAt is at or
 	// before t, soonest first, from the expiry index.
 	ActiveLeasesExpiringBefore(t time.Time, limit int) ([]*Lease, error)

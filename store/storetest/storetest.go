@@ -201,6 +201,17 @@ func testLeaseIndexes(t *testing.T, s store.Store) {
 	require.Equal(t, []string{"ls_1", "ls_2", "ls_4"}, ids(store.LeaseFilter{AgentID: "spiffe://td/a"}, "", 0))
 	require.Equal(t, []string{"ls_1", "ls_4"}, ids(store.LeaseFilter{AgentID: "spiffe://td/a", ActiveOnly: true}, "", 0))
 	require.Equal(t, []string{"ls_4"}, ids(store.LeaseFilter{AgentID: "spiffe://td/a", ActiveOnly: true}, "ls_1", 0))
+	view(t, s, func(tx store.ReadTx) error {
+		for _, c := range []struct {
+			agent       string
+			limit, want int
+		}{{"spiffe://td/a", 0, 2}, {"spiffe://td/a", 1, 1}, {"spiffe://td/b", 0, 1}, {"spiffe://td/a/", 0, 0}, {"spiffe://td/none", 5, 0}} {
+			n, err := tx.CountActiveLeases(c.agent, c.limit)
+			require.NoError(t, err)
+			require.Equal(t, c.want, n, "%s limit %d", c.agent, c.limit)
+		}
+		return nil
+	})
 	require.Equal(t, []string{"ls_1"}, ids(store.LeaseFilter{TaskID: "t1", AgentID: "spiffe://td/a"}, "", 1))
 	require.Equal(t, []string{"ls_1", "ls_3", "ls_4"}, ids(store.LeaseFilter{TaskID: "t1"}, "", 0))
 	require.Equal(t, []string{"ls_1", "ls_3", "ls_4"}, ids(store.LeaseFilter{GrantID: "g", ActiveOnly: true}, "", 0))

@@ -349,6 +349,17 @@ func (t *Tx) PutLease(l *store.Lease) (err error) {
 	return put(b, []byte(l.ID), l)
 }
 
+func (t *Tx) CountActiveLeases(agent string, limit int) (n int, err error) {
+	defer catch(&err)
+	err = walkIndex(t.b(BLeaseByAgent), agent, "", func(_ string, state []byte) (bool, error) {
+		if len(state) == 1 && store.LeaseState(state[0]) == store.LeaseActive {
+			n++
+		}
+		return limit <= 0 || n < limit, nil
+	})
+	return n, err
+}
+
 func (t *Tx) ActiveLeaseCount() (_ int64, err error) {
 	defer catch(&err)
 	v := t.b(BMeta).Get(keyActiveLeases)
