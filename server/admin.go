@@ -492,12 +492,74 @@ func (a *adminService) RevokeAgent(ctx context.Context, req *leaseholdv1.RevokeA
 		rv, err = revokeAgentTx(ctx, tx, id.String(), req.GetReason(), callerFrom(ctx).String(), now)
 		return err
 	})
+	if errors.Is(err, store.ErrTooLarge) {
+		rv, err = s.revokeAgentInParts(ctx, id.String(), req.GetReason(), callerFrom(ctx).String(), now)
+	}
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
 	ended = rv.ended
 	return &leaseholdv1.RevokeAgentResponse{Agent: agentToProto(rv.agent), LeasesRevoked: int32(len(rv.ended)),
 		DelegatedGrantsDeleted: int32(rv.grants), DelegatedLeasesRevoked: int32(rv.delegatedLeases)}, nil
+}
+
+// revokeAgentInParts revokes an agent whose leases are too many for one
+// store transaction (store/etcd's Txn limits): first the agent is marked
+// revoked, with its audit record, in one small transaction, so every broker
+// refuses it from then on (acquire, renew, delegate); then its leases are
+// ended in batches, each batch with its audit records and upstream
+// revocations; then what it delegated is deleted. The call returns when all
+// of it is durable. A broker that dies midway leaves the agent revoked and
+// its remaining leases unrenewable; calling RevokeAgent again finishes the job.
+func (s *Server) revokeAgentInParts(ctx context.Context, id, reason, by string, now time.Time) (*revocation, error) {
+	rv := &revocation{}
+	err := s.store.Update(ctx, func(tx store.Tx) error {
+		ag, err := tx.GetAgent(id)
+		if errors.Is(err, store.ErrNotFound) {
+			ag, err = &store.Agent{ID: id}, nil
+		}
+		if err != nil {
+			return err
+		}
+		ag.Revoked, ag.RevokedAt, ag.RevokedReason, ag.RevokedBy = true, now, reason, by
+		if err := tx.PutAgent(ag); err != nil {
+			return err
+		}
+		rv.agent = ag
+		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventAgentRevoke, AgentID: ag.ID, Actor: by,
+			Reason: reason + " (its leases are too many for one store transaction: ending them in batches)"})
+	})
+	if err != nil {
+		return nil, err
+	}
+	for batch := 512; ; {
+		var ended []*store.Lease
+		err := s.store.Update(ctx, func(tx store.Tx) error {
+			var err error
+			ended, err = endActiveN(ctx, tx, store.LeaseFilter{AgentID: id}, "agent revoked: "+reason, now, batch)
+			return err
+		})
+		switch {
+		case errors.Is(err, store.ErrTooLarge) && batch > 1:
+			batch /= 2
+			continue
+		case err != nil:
+			return nil, err
+		}
+		rv.ended = append(rv.ended, ended...)
+		if len(ended) < batch {
+			break
+		}
+	}
+	err = s.store.Update(ctx, func(tx store.Tx) error {
+		delegated, err := delegatedBy(tx, id)
+		if err != nil {
+			return err
+		}
+		rv.grants, rv.delegatedLeases, err = deleteGrantTree(ctx, tx, delegated, "delegator "+id+" revoked", now)
+		return err
+	})
+	return rv, err
 }
 
 // revocation is what revoking an agent ended.

@@ -338,43 +338,85 @@ func TestBrokersSurviveEtcdMemberLoss(t *testing.T) {
 
 // RevokeAgent ends all of an agent's leases in one etcd Txn. An agent at
 // the default quota (1,000 active leases) fits under the limits
-// docs/deployment.md gives; under smaller ones RevokeAgent fails whole,
-// saying which setting to raise, and changes nothing.
-func TestRevokeAgentAtQuotaFitsOneTxn(t *testing.T) {
+// docs/deployment.md gives. Under smaller ones the revocation is made in
+// parts — the agent refused everywhere first, then its leases ended in
+// batches — and is just as complete when the call returns.
+func TestRevokeAgentTxnLimits(t *testing.T) {
 	c := newCluster(t, 1)
 	documented := c.start()
-	small := c.start(func(cfg *etcd.Config) { cfg.MaxTxnOps = 4096 })
+	small := c.start(func(cfg *etcd.Config) { cfg.MaxTxnOps = 1024 })
 	admin := leaseholdv1.NewAdminServiceClient(c.dial(documented, adminID))
 	_, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: "db/app", Backend: "outage", Secret: map[string]string{"k": "v"}})
 	require.NoError(t, err)
 	_, err = admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
 		Subject: &leaseholdv1.Grant_SpiffeIdPrefix{SpiffeIdPrefix: "spiffe://leasehold.test/agents"}, Credential: "db/app", Scopes: []string{"read"}}})
 	require.NoError(t, err)
-	agent := leaseholdv1.NewBrokerServiceClient(c.dial(documented, agent1ID))
-	var g sync.WaitGroup
-	var failed atomic.Int64
-	for w := range 8 {
-		g.Go(func() {
-			for i := w; i < 1000; i += 8 {
-				if _, err := agent.AcquireLease(ctx, acquireReq("db/app", fmt.Sprint("t", i), "read")); err != nil {
-					failed.Add(1)
+	fill := func(agentID string, n int) leaseholdv1.BrokerServiceClient {
+		agent := leaseholdv1.NewBrokerServiceClient(c.dial(documented, agentID))
+		var g sync.WaitGroup
+		var failed atomic.Int64
+		for w := range 32 {
+			g.Go(func() {
+				for i := w; i < n; i += 32 {
+					if _, err := agent.AcquireLease(ctx, acquireReq("db/app", fmt.Sprint("t", i), "read")); err != nil {
+						failed.Add(1)
+					}
+				}
+			})
+		}
+		g.Wait()
+		require.Zero(t, failed.Load())
+		return agent
+	}
+	active := func(agentID string) int {
+		r, err := admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agentID, ActiveOnly: true, PageSize: 1000})
+		require.NoError(t, err)
+		return len(r.GetLeases())
+	}
+	partsRecord := func(agentID string) bool {
+		for page := ""; ; {
+			r, err := admin.QueryAudit(ctx, &leaseholdv1.QueryAuditRequest{AgentId: agentID, PageSize: 1000, PageToken: page})
+			require.NoError(t, err)
+			for _, rec := range r.GetRecords() {
+				if rec.GetEvent() == leaseholdv1.AuditEvent_AUDIT_EVENT_AGENT_REVOKE {
+					return strings.Contains(rec.GetReason(), "in batches")
 				}
 			}
-		})
+			if page = r.GetNextPageToken(); page == "" {
+				break
+			}
+		}
+		t.Fatalf("no agent.revoke record for %s", agentID)
+		return false
 	}
-	g.Wait()
-	require.Zero(t, failed.Load())
 
-	smallAdmin := leaseholdv1.NewAdminServiceClient(c.dial(small, adminID))
-	_, err = smallAdmin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "too big here"})
-	requireCode(t, err, codes.ResourceExhausted, "max_txn_ops 4096")
-	require.Contains(t, err.Error(), "nothing was changed")
-	_, err = agent.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: mustLeaseID(t, admin, agent1ID)})
-	require.NoError(t, err, "the agent is not revoked: nothing was changed")
-
+	// At the quota, under the documented limits: one transaction.
+	agent1 := fill(agent1ID, 1000)
+	lease := mustLeaseID(t, admin, agent1ID)
 	resp, err := admin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent1ID, Reason: "compromised"})
 	require.NoError(t, err)
 	require.EqualValues(t, 1000, resp.GetLeasesRevoked())
+	require.Zero(t, active(agent1ID))
+	require.False(t, partsRecord(agent1ID))
+	_, err = agent1.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: lease})
+	require.Error(t, err)
+
+	// The same through a broker whose limit is too small for one: in parts.
+	agent2 := fill(agent2ID, 150)
+	lease = mustLeaseID(t, admin, agent2ID)
+	smallAdmin := leaseholdv1.NewAdminServiceClient(c.dial(small, adminID))
+	resp, err = smallAdmin.RevokeAgent(ctx, &leaseholdv1.RevokeAgentRequest{SpiffeId: agent2ID, Reason: "compromised"})
+	require.NoError(t, err)
+	require.EqualValues(t, 150, resp.GetLeasesRevoked())
+	require.Zero(t, active(agent2ID), "every lease ended when the call returns")
+	require.True(t, partsRecord(agent2ID))
+	_, err = agent2.AcquireLease(ctx, acquireReq("db/app", "after", "read"))
+	requireCode(t, err, codes.PermissionDenied, "revoked")
+	_, err = agent2.RenewLease(ctx, &leaseholdv1.RenewLeaseRequest{LeaseId: lease})
+	require.Error(t, err)
+	v, err := admin.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
+	require.NoError(t, err)
+	require.True(t, v.GetOk(), v.GetProblem())
 }
 
 func mustLeaseID(t *testing.T, admin leaseholdv1.AdminServiceClient, agent string) string {

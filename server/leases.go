@@ -679,8 +679,13 @@ func endLease(ctx context.Context, tx store.Tx, l *store.Lease, state store.Leas
 
 // endActive ends every active lease matching f in tx, for revocations.
 func endActive(ctx context.Context, tx store.Tx, f store.LeaseFilter, reason string, now time.Time) ([]*store.Lease, error) {
+	return endActiveN(ctx, tx, f, reason, now, 0)
+}
+
+// endActiveN ends at most limit of the active leases f selects (0: all).
+func endActiveN(ctx context.Context, tx store.Tx, f store.LeaseFilter, reason string, now time.Time, limit int) ([]*store.Lease, error) {
 	f.ActiveOnly = true
-	leases, err := tx.ListLeases(f, "", 0)
+	leases, err := tx.ListLeases(f, "", limit)
 	if err != nil {
 		return nil, err
 	}
