@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 
@@ -52,6 +53,13 @@ const maxBatch = 256
 // escalateAfter is how many races in a row a writer loses before it takes
 // the write lock.
 const escalateAfter = 2
+
+// maxFailures is how many commits of a group in a row may fail unapplied
+// (not a lost race) before its callers get the error.
+const maxFailures = 3
+
+// errConflict: another commit came between the snapshot and the Txn.
+var errConflict = errors.New("etcd: another commit came first")
 
 // ErrTxnTooLarge is returned by an Update whose writes alone exceed the
 // configured MaxTxnOps or MaxRequestBytes.
@@ -134,27 +142,40 @@ func (s *Store) writer() {
 			}
 		}
 		var held *concurrency.Mutex
-		for conflicts, limit := 0, len(batch); len(batch) > 0; {
+		for conflicts, failures, limit := 0, 0, len(batch); len(batch) > 0; {
 			if conflicts >= escalateAfter && held == nil {
 				held = s.lockWrites(ctx)
 			}
-			n, conflict, cut := s.attempt(ctx, marker, batch[:min(limit, len(batch))], held)
+			n, retry, cut := s.attempt(ctx, marker, batch[:min(limit, len(batch))], held)
 			if cut > 0 {
 				limit = cut // run the calls before the one that failed alone
 				continue
 			}
 			limit = len(batch)
 			batch = batch[n:]
-			if !conflict {
-				conflicts = 0
-				continue
-			}
-			// Another broker committed first: back off a little, with
-			// jitter, so two writers do not keep colliding.
-			conflicts++
-			if held == nil {
-				// Jitter only spreads retries; it need not be unpredictable.
-				time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond)))) // #nosec G404
+			switch {
+			case retry == nil:
+				conflicts, failures = 0, 0
+			case errors.Is(retry, errConflict):
+				// Another broker committed first: back off a little, with
+				// jitter, so two writers do not keep colliding.
+				conflicts++
+				if held == nil {
+					// Jitter only spreads retries; it need not be unpredictable.
+					time.Sleep(time.Duration(mrand.Int64N(int64(min(conflicts, 8)) * int64(time.Millisecond)))) // #nosec G404
+				}
+			default:
+				// The commit was refused without being applied (a member
+				// went away, a leader changed): try again a few times, then
+				// give the callers the error.
+				if failures++; failures >= maxFailures {
+					for _, c := range batch {
+						s.finish(c, retry)
+					}
+					batch = batch[:0]
+					continue
+				}
+				time.Sleep(100 * time.Millisecond)
 			}
 		}
 		if held != nil {
@@ -165,14 +186,19 @@ func (s *Store) writer() {
 }
 
 // attempt runs batch on one snapshot and commits it. It returns how many
-// calls at the front it answered; whether the commit lost a race (then none
-// were answered); or, when a call after the first failed, cut: the number of
-// calls before it, to be run again on their own.
-func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held *concurrency.Mutex) (answered int, conflict bool, cut int) {
+// calls at the front it answered; or, with none answered, why the batch is
+// to run again (errConflict: another commit came first; any other error: the
+// commit failed without being applied); or, when a call after the first
+// failed, cut: the number of calls before it, to be run again on their own.
+func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held *concurrency.Mutex) (answered int, retry error, cut int) {
 	rev, commitRev, err := s.snapshot(ctx)
 	if err != nil {
-		s.finish(batch[0], err)
-		return 1, false, 0
+		// No snapshot, no progress for anyone in the group: answer all of
+		// them rather than wait out a timeout for each.
+		for _, c := range batch {
+			s.finish(c, err)
+		}
+		return len(batch), nil, 0
 	}
 	t := newTxn(ctx, s, rev, commitRev, true)
 	tx := kv.NewTx(t)
@@ -186,11 +212,11 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held 
 		}
 		if i == 0 {
 			s.finish(c, err)
-			return 1, false, 0
+			return 1, nil, 0
 		}
 		// Its partial writes are in the buffer: run the calls before it
 		// again on their own (it runs after them).
-		return 0, false, i
+		return 0, nil, i
 	}
 	id := randomID()
 	ops := append(t.ops(), clientv3.OpPut(s.commitKey(), id), clientv3.OpPut(marker, id))
@@ -203,26 +229,35 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held 
 	tctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
 	resp, err := s.cli.Txn(tctx).If(cmps...).Then(ops...).Commit()
 	cancel()
-	applied := err == nil && resp.Succeeded
+	if err == nil && !resp.Succeeded {
+		s.stats.conflicts.Add(1)
+		return 0, errConflict, 0
+	}
 	if err != nil {
 		s.stats.unknown.Add(1)
-		applied, err = s.applied(ctx, marker, id, err)
-	}
-	switch {
-	case err != nil:
-		for _, c := range batch {
-			s.finish(c, err)
+		applied, rerr := s.applied(ctx, marker, id, err)
+		switch {
+		case rerr != nil:
+			for _, c := range batch {
+				s.finish(c, rerr)
+			}
+			return len(batch), nil, 0
+		case !applied && (errors.Is(err, rpctypes.ErrTooManyOps) || errors.Is(err, rpctypes.ErrRequestTooLarge)):
+			if len(batch) > 1 {
+				return 0, nil, len(batch) / 2 // a smaller group may fit
+			}
+			s.finish(batch[0], fmt.Errorf("%w: etcd refused it (%v): the cluster's --max-txn-ops or --max-request-bytes is below the store's max_txn_ops %d or max_request_bytes %d",
+				store.ErrTooLarge, err, s.cfg.MaxTxnOps, s.cfg.MaxRequestBytes))
+			return 1, nil, 0
+		case !applied:
+			return 0, fmt.Errorf("etcd: commit: %w", err), 0
 		}
-		return len(batch), false, 0
-	case !applied:
-		s.stats.conflicts.Add(1)
-		return 0, true, 0
 	}
 	s.stats.commits.Add(1)
 	for _, c := range batch {
 		s.finish(c, nil)
 	}
-	return len(batch), false, 0
+	return len(batch), nil, 0
 }
 
 // checkSize fails when the buffered writes no longer fit one etcd Txn.

@@ -442,3 +442,38 @@ func TestAuthPrefixOnly(t *testing.T) {
 	_, err = etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), Prefix: "/other/", Username: "leasehold", Password: "lh-pw"})
 	require.Error(t, err, "outside its prefix the user may do nothing")
 }
+
+// When the cluster's own Txn limit is below the store's max_txn_ops, etcd
+// refuses the Txn: a group is split until it fits, and one Update that
+// alone is too large fails with store.ErrTooLarge saying which side to fix,
+// instead of being retried forever.
+func TestClusterLimitBelowStores(t *testing.T) {
+	c := etcdtest.Start(t, etcdtest.Options{NoFsync: true}) // etcd's default: 128 operations
+	s := open(t, c, func(cfg *etcd.Config) { cfg.MaxTxnOps = 4096 })
+	t.Cleanup(func() { _ = s.Close() })
+	err := s.Update(ctx, func(tx store.Tx) error {
+		for i := range 200 {
+			if err := tx.PutCursor(fmt.Sprint("big", i), 1); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	require.ErrorIs(t, err, store.ErrTooLarge)
+	require.ErrorContains(t, err, "the cluster's --max-txn-ops")
+
+	var g errgroup.Group
+	for i := range 64 {
+		g.Go(func() error {
+			return s.Update(ctx, func(tx store.Tx) error {
+				for j := range 4 {
+					if err := tx.PutCursor(fmt.Sprint("g", i, "-", j), uint64(i)); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		})
+	}
+	require.NoError(t, g.Wait(), "groups over etcd's limit are split until they fit")
+}
