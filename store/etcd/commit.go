@@ -146,7 +146,7 @@ func (s *Store) writer() {
 			if conflicts >= escalateAfter && held == nil {
 				held = s.lockWrites(ctx)
 			}
-			n, retry, cut := s.attempt(ctx, marker, batch[:min(limit, len(batch))], held)
+			n, cut, retry := s.attempt(ctx, marker, batch[:min(limit, len(batch))], held)
 			if cut > 0 {
 				limit = cut // run the calls before the one that failed alone
 				continue
@@ -190,7 +190,7 @@ func (s *Store) writer() {
 // to run again (errConflict: another commit came first; any other error: the
 // commit failed without being applied); or, when a call after the first
 // failed, cut: the number of calls before it, to be run again on their own.
-func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held *concurrency.Mutex) (answered int, retry error, cut int) {
+func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held *concurrency.Mutex) (answered, cut int, retry error) {
 	rev, commitRev, err := s.snapshot(ctx)
 	if err != nil {
 		// No snapshot, no progress for anyone in the group: answer all of
@@ -198,7 +198,7 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held 
 		for _, c := range batch {
 			s.finish(c, err)
 		}
-		return len(batch), nil, 0
+		return len(batch), 0, nil
 	}
 	t := newTxn(ctx, s, rev, commitRev, true)
 	tx := kv.NewTx(t)
@@ -212,11 +212,11 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held 
 		}
 		if i == 0 {
 			s.finish(c, err)
-			return 1, nil, 0
+			return 1, 0, nil
 		}
 		// Its partial writes are in the buffer: run the calls before it
 		// again on their own (it runs after them).
-		return 0, nil, i
+		return 0, i, nil
 	}
 	id := randomID()
 	ops := append(t.ops(), clientv3.OpPut(s.commitKey(), id), clientv3.OpPut(marker, id))
@@ -231,7 +231,7 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held 
 	cancel()
 	if err == nil && !resp.Succeeded {
 		s.stats.conflicts.Add(1)
-		return 0, errConflict, 0
+		return 0, 0, errConflict
 	}
 	if err != nil {
 		s.stats.unknown.Add(1)
@@ -241,23 +241,23 @@ func (s *Store) attempt(ctx context.Context, marker string, batch []*call, held 
 			for _, c := range batch {
 				s.finish(c, rerr)
 			}
-			return len(batch), nil, 0
+			return len(batch), 0, nil
 		case !applied && (errors.Is(err, rpctypes.ErrTooManyOps) || errors.Is(err, rpctypes.ErrRequestTooLarge)):
 			if len(batch) > 1 {
-				return 0, nil, len(batch) / 2 // a smaller group may fit
+				return 0, len(batch) / 2, nil // a smaller group may fit
 			}
-			s.finish(batch[0], fmt.Errorf("%w: etcd refused it (%v): the cluster's --max-txn-ops or --max-request-bytes is below the store's max_txn_ops %d or max_request_bytes %d",
+			s.finish(batch[0], fmt.Errorf("%w: etcd refused it (%w): the cluster's --max-txn-ops or --max-request-bytes is below the store's max_txn_ops %d or max_request_bytes %d",
 				store.ErrTooLarge, err, s.cfg.MaxTxnOps, s.cfg.MaxRequestBytes))
-			return 1, nil, 0
+			return 1, 0, nil
 		case !applied:
-			return 0, fmt.Errorf("etcd: commit: %w", err), 0
+			return 0, 0, fmt.Errorf("etcd: commit: %w", err)
 		}
 	}
 	s.stats.commits.Add(1)
 	for _, c := range batch {
 		s.finish(c, nil)
 	}
-	return len(batch), nil, 0
+	return len(batch), 0, nil
 }
 
 // checkSize fails when the buffered writes no longer fit one etcd Txn.
