@@ -299,13 +299,6 @@ func (c *cursor) move(k []byte) ([]byte, []byte) {
 	return k, c.b.Get(k)
 }
 
-func (c *cursor) Delete() error {
-	if c.key == nil {
-		return errors.New("etcd: cursor delete with no current key")
-	}
-	return c.b.Delete(c.key)
-}
-
 // after returns the first visible key at or after k (inclusive) or strictly
 // after it.
 func (c *cursor) after(k []byte, inclusive bool) []byte {

@@ -138,16 +138,24 @@ func (t *Tx) AuditFloor() (_ store.AuditCheckpoint, err error) {
 func (t *Tx) PruneAudit(through uint64, limit int) (_ int, err error) {
 	defer catch(&err)
 	audit := t.b(BAudit)
+	// Read the records first, then delete: deleting under a cursor and
+	// seeking back to the first key costs a network engine a walk over
+	// every key deleted so far, each time.
+	var doomed []store.AuditRecord
 	c := audit.Cursor()
-	n := 0
-	var last *store.AuditRecord
-	for k, v := c.First(); k != nil && binary.BigEndian.Uint64(k) <= through && (limit <= 0 || n < limit); k, v = c.First() {
+	for k, v := c.First(); k != nil && binary.BigEndian.Uint64(k) <= through && (limit <= 0 || len(doomed) < limit); k, v = c.Next() {
 		var r store.AuditRecord
 		if err := json.Unmarshal(v, &r); err != nil {
-			return n, &store.CorruptRecordError{Sequence: binary.BigEndian.Uint64(k), Err: err}
+			return 0, &store.CorruptRecordError{Sequence: binary.BigEndian.Uint64(k), Err: err}
 		}
+		doomed = append(doomed, r)
+	}
+	n := 0
+	var last *store.AuditRecord
+	for i := range doomed {
+		r := &doomed[i]
 		for _, ix := range auditIndexes {
-			if val := ix.value(&r); val != "" {
+			if val := ix.value(r); val != "" {
 				if err := t.b(ix.bucket).Delete(idxSeqKey(val, r.Sequence)); err != nil {
 					return n, err
 				}
@@ -157,10 +165,10 @@ func (t *Tx) PruneAudit(through uint64, limit int) (_ int, err error) {
 		if err := t.b(BAuditByTime).Delete(tk); err != nil {
 			return n, err
 		}
-		if err := c.Delete(); err != nil {
+		if err := audit.Delete(u64(r.Sequence)); err != nil {
 			return n, err
 		}
-		last = &r
+		last = r
 		n++
 	}
 	if last == nil {

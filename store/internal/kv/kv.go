@@ -45,7 +45,8 @@ type Bucket interface {
 }
 
 // Cursor walks a bucket in key order. Every move returns nil keys past
-// either end. Delete removes the key under the cursor.
+// either end. Deleting while walking is left out on purpose: code that
+// deletes collects the keys first, then calls Bucket.Delete.
 type Cursor interface {
 	First() (key, value []byte)
 	// Seek moves to the first key at or after key.
@@ -56,7 +57,6 @@ type Cursor interface {
 	SeekBefore(key []byte) (key2, value []byte)
 	Next() (key, value []byte)
 	Prev() (key, value []byte)
-	Delete() error
 }
 
 // Bucket names. Engines create every one of them.

@@ -160,10 +160,16 @@ func (t *Tx) DeleteCredential(name string) (err error) {
 	return deletePrefix(t.b(BCredVersions), append([]byte(name), 0))
 }
 
+// deletePrefix removes every key under prefix: collected first, then
+// deleted (see PruneAudit).
 func deletePrefix(b Bucket, prefix []byte) error {
+	var keys [][]byte
 	c := b.Cursor()
-	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Seek(prefix) {
-		if err := c.Delete(); err != nil {
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		keys = append(keys, bytes.Clone(k))
+	}
+	for _, k := range keys {
+		if err := b.Delete(k); err != nil {
 			return err
 		}
 	}
