@@ -76,6 +76,8 @@ type cluster struct {
 	keyr     *seal.Keyring
 	upstream *outageBackend
 	prefix   string
+	// server adjusts the brokers' config.
+	server func(*server.Config)
 }
 
 func newCluster(t *testing.T, members int) *cluster {
@@ -107,8 +109,12 @@ func (c *cluster) start(mod ...func(*etcd.Config)) *replica {
 	svid, err := c.ca.Issue(spiffeid.RequireFromString("spiffe://leasehold.test/leasehold/broker"), identity.SVIDOptions{})
 	require.NoError(t, err)
 	r := &replica{st: st, logs: &syncBuffer{}, served: make(chan error, 1)}
-	r.srv, err = server.New(server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 50 * time.Millisecond, AcquireRate: -1,
-		RevocationPoll: 50 * time.Millisecond, RevocationMinBackoff: 50 * time.Millisecond, RevocationMaxBackoff: 200 * time.Millisecond},
+	scfg := server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 50 * time.Millisecond, AcquireRate: -1,
+		RevocationPoll: 50 * time.Millisecond, RevocationMinBackoff: 50 * time.Millisecond, RevocationMaxBackoff: 200 * time.Millisecond}
+	if c.server != nil {
+		c.server(&scfg)
+	}
+	r.srv, err = server.New(scfg,
 		server.Deps{Store: st, Backends: reg, Keyring: c.keyr,
 			Credentials: identity.ServerCredentials(identity.StaticSource{SVID: svid, Bundle: c.ca.Bundle()}, td),
 			Logger:      slog.New(slog.NewJSONHandler(r.logs, nil))})
@@ -425,4 +431,25 @@ func mustLeaseID(t *testing.T, admin leaseholdv1.AdminServiceClient, agent strin
 	require.NoError(t, err)
 	require.NotEmpty(t, r.GetLeases())
 	return r.GetLeases()[0].GetId()
+}
+
+// Audit retention on etcd prunes in batches that fit the store's Txn
+// limits: a batch that does not fit is halved, not retried whole forever.
+func TestRetentionWithinTxnLimits(t *testing.T) {
+	c := newCluster(t, 1)
+	c.server = func(cfg *server.Config) {
+		cfg.RetentionMaxRecords, cfg.RetentionInterval = 20, 2*time.Second
+	}
+	// About eight keys per audit record: 300 records do not fit 1,024.
+	r := c.start(func(cfg *etcd.Config) { cfg.MaxTxnOps = 1024 })
+	admin := leaseholdv1.NewAdminServiceClient(c.dial(r, adminID))
+	for i := range 300 {
+		_, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: fmt.Sprint("c/", i%5), Secret: map[string]string{"k": fmt.Sprint(i)}})
+		require.NoError(t, err)
+	}
+	require.Eventually(t, func() bool {
+		v, err := admin.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
+		return err == nil && v.GetOk() && v.GetHead().GetSequence()-v.GetFloor().GetSequence() <= 40
+	}, 20*time.Second, 100*time.Millisecond, "retention brought the trail down to its bound")
+	require.NotContains(t, r.logs.String(), "audit retention\"", "no retention run failed")
 }

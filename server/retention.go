@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"time"
 
@@ -39,6 +40,9 @@ func (s *Server) runRetention(stop <-chan struct{}) {
 // continues from.
 func (s *Server) retainOnce(ctx context.Context) (int, error) {
 	total := 0
+	// A batch too large for one store transaction (store/etcd's Txn
+	// limits) is halved until it fits.
+	batch := pruneBatch
 	for {
 		var through, floor uint64
 		err := s.store.View(ctx, func(tx store.ReadTx) error {
@@ -81,7 +85,7 @@ func (s *Server) retainOnce(ctx context.Context) (int, error) {
 		var n int
 		err = s.store.Update(ctx, func(tx store.Tx) error {
 			var err error
-			if n, err = tx.PruneAudit(through, pruneBatch); err != nil || n == 0 {
+			if n, err = tx.PruneAudit(through, batch); err != nil || n == 0 {
 				return err
 			}
 			f, err := tx.AuditFloor()
@@ -92,11 +96,15 @@ func (s *Server) retainOnce(ctx context.Context) (int, error) {
 				Reason: fmt.Sprintf("records %d through %d removed by retention; the chain continues from record %d, hash %s",
 					floor+1, f.Sequence, f.Sequence, hex.EncodeToString(f.Hash))})
 		})
+		if errors.Is(err, store.ErrTooLarge) && batch > 1 {
+			batch /= 2
+			continue
+		}
 		if err != nil {
 			return total, err
 		}
 		total += n
-		if n < pruneBatch {
+		if n < batch {
 			return total, nil
 		}
 	}
