@@ -187,6 +187,12 @@ func (c Config) Validate() error {
 	if len(c.Admins) == 0 {
 		errs = append(errs, errors.New("admins: at least one admin SPIFFE ID is required"))
 	}
+	if st := c.Store; st.Engine != "etcd" && (len(st.Endpoints) > 0 || st.Prefix != "" || st.TLS != (StoreTLSConfig{}) ||
+		st.Username != "" || st.PasswordFile != "" || st.MaxTxnOps != 0 || st.MaxRequestBytes != 0 || st.LeaderTTL != 0) {
+		// Endpoints without the engine would run a broker on a bbolt file
+		// of its own while the operator believes it shares etcd.
+		errs = append(errs, fmt.Errorf("store: etcd settings (endpoints, prefix, tls, ...) are set but store.engine is %q: set store.engine: etcd", st.Engine))
+	}
 	files := 0
 	for _, f := range []string{c.Identity.CertFile, c.Identity.KeyFile, c.Identity.BundleFile} {
 		if f != "" {

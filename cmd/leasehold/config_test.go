@@ -72,6 +72,14 @@ func TestConfigValidate(t *testing.T) {
 	err = cfg.Validate()
 	require.ErrorContains(t, err, "audit.sinks[0]: a file sink needs a path")
 	require.ErrorContains(t, err, `audit.sinks[1]: type "kafka" is unknown`)
+	cfg.Audit.Sinks = nil
+	require.NoError(t, cfg.Validate())
+	// etcd endpoints without engine: etcd would leave the broker on its own
+	// bbolt file.
+	cfg.Store.Endpoints = []string{"https://10.0.0.1:2379"}
+	require.ErrorContains(t, cfg.Validate(), `etcd settings (endpoints, prefix, tls, ...) are set but store.engine is "bolt": set store.engine: etcd`)
+	cfg.Store.Engine = "etcd"
+	require.NoError(t, cfg.Validate())
 }
 
 // A misspelt key is refused, naming it, rather than silently ignored.
