@@ -217,4 +217,23 @@ log: {format: json}
 	for _, p := range procs {
 		require.NotContains(t, p.stderr.String(), "cluster-canary", "no secret in a broker's log")
 	}
+	// Nor in what etcd stored: every member's WAL, snapshots and bbolt file.
+	scanned, names := 0, 0
+	for i := range 3 {
+		require.NoError(t, filepath.WalkDir(cluster.DataDir(i), func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() {
+				return err
+			}
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			scanned += len(data)
+			names += strings.Count(string(data), `"crm/api"`)
+			require.NotContains(t, string(data), "cluster-canary", "secret in plaintext in %s", path)
+			return nil
+		}))
+	}
+	require.Greater(t, scanned, 1<<20, "sanity: the members' files were read")
+	require.Positive(t, names, "positive control: the credential's name, which is not secret, is found in plaintext")
 }

@@ -48,7 +48,12 @@ type Cluster struct {
 	clients []string
 	logs    []*lockedBuffer
 	tls     TLSFiles
+	dirs    []string
 }
+
+// DataDir is member i's data directory (its WAL and bbolt file), for tests
+// that scan what etcd stored.
+func (c *Cluster) DataDir(i int) string { return c.dirs[i] }
 
 // TLS returns the client-side files of a MutualTLS cluster.
 func (c *Cluster) TLS() TLSFiles { return c.tls }
@@ -118,6 +123,7 @@ func Start(t testing.TB, o Options) *Cluster {
 	}
 	// Registered after the temporary directories, so it runs before their
 	// removal: the members are dead before their files go.
+	c.dirs = dataDirs
 	t.Cleanup(c.stopAll)
 	token := fmt.Sprintf("leasehold-test-%d", time.Now().UnixNano())
 	for i := range o.Members {
