@@ -249,9 +249,9 @@ func (a *adminService) DeleteCredential(ctx context.Context, req *leaseholdv1.De
 		return nil, err
 	}
 	now := s.now()
-	var ended []*store.Lease
+	var ended, drained []*store.Lease
 	out := &leaseholdv1.DeleteCredentialResponse{}
-	err := s.store.Update(ctx, func(tx store.Tx) error {
+	del := func(tx store.Tx) error {
 		if _, err := tx.GetCredential(name); err != nil {
 			return err
 		}
@@ -274,10 +274,19 @@ func (a *adminService) DeleteCredential(ctx context.Context, req *leaseholdv1.De
 		if err := tx.DeleteCredential(name); err != nil {
 			return err
 		}
-		out.LeasesRevoked, out.GrantsDeleted = int32(len(ended)), int32(len(grants))
+		n := len(drained) + len(ended)
+		out.LeasesRevoked, out.GrantsDeleted = int32(n), int32(len(grants))
 		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventCredentialDelete, Credential: name,
-			Reason: fmt.Sprintf("%d leases revoked, %d grants deleted", len(ended), len(grants))})
-	})
+			Reason: fmt.Sprintf("%d leases revoked, %d grants deleted", n, len(grants))})
+	}
+	err := s.store.Update(ctx, del)
+	if errors.Is(err, store.ErrTooLarge) {
+		// Too many leases for one transaction: end them in batches first,
+		// then delete (ending any acquired meanwhile).
+		if drained, err = s.drainLeases(ctx, store.LeaseFilter{Credential: name}, "credential deleted", now); err == nil {
+			err = s.store.Update(ctx, del)
+		}
+	}
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
@@ -532,24 +541,8 @@ func (s *Server) revokeAgentInParts(ctx context.Context, id, reason, by string, 
 	if err != nil {
 		return nil, err
 	}
-	for batch := 512; ; {
-		var ended []*store.Lease
-		err := s.store.Update(ctx, func(tx store.Tx) error {
-			var err error
-			ended, err = endActiveN(ctx, tx, store.LeaseFilter{AgentID: id}, "agent revoked: "+reason, now, batch)
-			return err
-		})
-		switch {
-		case errors.Is(err, store.ErrTooLarge) && batch > 1:
-			batch /= 2
-			continue
-		case err != nil:
-			return nil, err
-		}
-		rv.ended = append(rv.ended, ended...)
-		if len(ended) < batch {
-			break
-		}
+	if rv.ended, err = s.drainLeases(ctx, store.LeaseFilter{AgentID: id}, "agent revoked: "+reason, now); err != nil {
+		return nil, err
 	}
 	err = s.store.Update(ctx, func(tx store.Tx) error {
 		delegated, err := delegatedBy(tx, id)
@@ -560,6 +553,34 @@ func (s *Server) revokeAgentInParts(ctx context.Context, id, reason, by string, 
 		return err
 	})
 	return rv, err
+}
+
+// drainLeases ends the active leases f selects in batches that each fit
+// one store transaction (halving the batch while it does not), for changes
+// whose single transaction would exceed the store's limits (store/etcd). It
+// returns the leases it ended; each has its audit record and upstream
+// revocation as always.
+func (s *Server) drainLeases(ctx context.Context, f store.LeaseFilter, reason string, now time.Time) ([]*store.Lease, error) {
+	var all []*store.Lease
+	for batch := 512; ; {
+		var ended []*store.Lease
+		err := s.store.Update(ctx, func(tx store.Tx) error {
+			var err error
+			ended, err = endActiveN(ctx, tx, f, reason, now, batch)
+			return err
+		})
+		switch {
+		case errors.Is(err, store.ErrTooLarge) && batch > 1:
+			batch /= 2
+			continue
+		case err != nil:
+			return all, err
+		}
+		all = append(all, ended...)
+		if len(ended) < batch {
+			return all, nil
+		}
+	}
 }
 
 // revocation is what revoking an agent ended.

@@ -453,3 +453,52 @@ func TestRetentionWithinTxnLimits(t *testing.T) {
 	}, 20*time.Second, 100*time.Millisecond, "retention brought the trail down to its bound")
 	require.NotContains(t, r.logs.String(), "audit retention\"", "no retention run failed")
 }
+
+// DeleteCredential and RevokeTask over more leases than one store
+// transaction holds end them in batches first, then finish as usual.
+func TestLargeDeletesWithinTxnLimits(t *testing.T) {
+	c := newCluster(t, 1)
+	r := c.start(func(cfg *etcd.Config) { cfg.MaxTxnOps = 1024 })
+	admin := leaseholdv1.NewAdminServiceClient(c.dial(r, adminID))
+	agent := leaseholdv1.NewBrokerServiceClient(c.dial(r, agent1ID))
+	for _, cred := range []string{"db/a", "db/b"} {
+		_, err := admin.PutCredential(ctx, &leaseholdv1.PutCredentialRequest{Name: cred, Backend: "outage", Secret: map[string]string{"k": "v"}})
+		require.NoError(t, err)
+		_, err = admin.CreateGrant(ctx, &leaseholdv1.CreateGrantRequest{Grant: &leaseholdv1.Grant{
+			Subject: &leaseholdv1.Grant_SpiffeId{SpiffeId: agent1ID}, Credential: cred, Scopes: []string{"read"}}})
+		require.NoError(t, err)
+	}
+	var g sync.WaitGroup
+	var failed atomic.Int64
+	for w := range 16 {
+		g.Go(func() {
+			for i := w; i < 300; i += 16 {
+				cred, task := "db/a", fmt.Sprint("big/", i) // db/a: one task tree
+				if i%2 == 1 {
+					cred, task = "db/b", fmt.Sprint("other-", i)
+				}
+				if _, err := agent.AcquireLease(ctx, acquireReq(cred, task, "read")); err != nil {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	g.Wait()
+	require.Zero(t, failed.Load())
+
+	task, err := admin.RevokeTask(ctx, &leaseholdv1.RevokeTaskRequest{TaskId: "big", Reason: "runaway"})
+	require.NoError(t, err)
+	require.EqualValues(t, 150, task.GetLeasesRevoked())
+	del, err := admin.DeleteCredential(ctx, &leaseholdv1.DeleteCredentialRequest{Name: "db/b"})
+	require.NoError(t, err)
+	require.EqualValues(t, 150, del.GetLeasesRevoked())
+	require.EqualValues(t, 1, del.GetGrantsDeleted())
+	r2, err := admin.ListLeases(ctx, &leaseholdv1.ListLeasesRequest{AgentId: agent1ID, ActiveOnly: true})
+	require.NoError(t, err)
+	require.Empty(t, r2.GetLeases())
+	_, err = admin.GetCredential(ctx, &leaseholdv1.GetCredentialRequest{Name: "db/b"})
+	requireCode(t, err, codes.NotFound, "db/b")
+	v, err := admin.VerifyAudit(ctx, &leaseholdv1.VerifyAuditRequest{})
+	require.NoError(t, err)
+	require.True(t, v.GetOk(), v.GetProblem())
+}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -55,7 +56,8 @@ func (a *adminService) RevokeTask(ctx context.Context, req *leaseholdv1.RevokeTa
 	}
 	now := s.now()
 	var n, grants int
-	err := s.store.Update(ctx, func(tx store.Tx) error {
+	var drained []*store.Lease
+	revoke := func(tx store.Tx) error {
 		ended, err := endActive(ctx, tx, store.LeaseFilter{TaskTree: req.GetTaskId()}, "task revoked: "+req.GetReason(), now)
 		if err != nil {
 			return err
@@ -68,10 +70,17 @@ func (a *adminService) RevokeTask(ctx context.Context, req *leaseholdv1.RevokeTa
 		if grants, more, err = deleteGrantTree(ctx, tx, delegated, "task "+req.GetTaskId()+" revoked", now); err != nil {
 			return err
 		}
-		n = len(ended) + more
+		n = len(drained) + len(ended) + more
 		return appendAudit(ctx, tx, &store.AuditRecord{Event: store.EventTaskRevoke, TaskID: req.GetTaskId(),
 			Reason: fmt.Sprintf("%s (%d leases revoked, %d delegated grants deleted)", req.GetReason(), n, grants)})
-	})
+	}
+	err := s.store.Update(ctx, revoke)
+	if errors.Is(err, store.ErrTooLarge) {
+		// Too many leases for one transaction: end them in batches first.
+		if drained, err = s.drainLeases(ctx, store.LeaseFilter{TaskTree: req.GetTaskId()}, "task revoked: "+req.GetReason(), now); err == nil {
+			err = s.store.Update(ctx, revoke)
+		}
+	}
 	if err != nil {
 		return nil, s.writeFailed(ctx, err)
 	}
