@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 
 	"github.com/leasehold/leasehold/backends"
 	"github.com/leasehold/leasehold/backends/exec"
@@ -67,29 +67,24 @@ func openEtcd(c StoreConfig) (store.Store, error) {
 	return etcd.Open(ctx, cfg)
 }
 
-// etcdTLS builds the client TLS config for etcd from PEM files.
+// etcdTLS builds the client TLS config for etcd from PEM files with etcd's
+// own transport package, as etcdctl does: the client certificate is read
+// again at each handshake, so a rotated certificate takes effect without a
+// restart.
 func etcdTLS(c StoreTLSConfig) (*tls.Config, error) {
-	tc := &tls.Config{MinVersion: tls.VersionTLS12}
-	if c.CAFile != "" {
-		pem, err := os.ReadFile(c.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("store.tls.ca_file: %w", err)
-		}
-		tc.RootCAs = x509.NewCertPool()
-		if !tc.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("store.tls.ca_file %s: no PEM certificate in it", c.CAFile)
-		}
-	}
 	if (c.CertFile == "") != (c.KeyFile == "") {
 		return nil, errors.New("store.tls: cert_file and key_file go together")
 	}
-	if c.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("store.tls: client certificate: %w", err)
+	if c.CAFile != "" {
+		if _, err := os.Stat(c.CAFile); err != nil {
+			return nil, fmt.Errorf("store.tls.ca_file: %w", err)
 		}
-		tc.Certificates = []tls.Certificate{cert}
 	}
+	tc, err := transport.TLSInfo{CertFile: c.CertFile, KeyFile: c.KeyFile, TrustedCAFile: c.CAFile}.ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("store.tls: %w", err)
+	}
+	tc.MinVersion = tls.VersionTLS12
 	return tc, nil
 }
 
