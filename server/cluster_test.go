@@ -14,6 +14,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/stretchr/testify/require"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 
@@ -62,11 +63,12 @@ func (o *outageBackend) count(artifact string) int {
 
 // replica is one broker of a cluster, on its own etcd client.
 type replica struct {
-	st     *etcd.Store
-	srv    *server.Server
-	addr   string
-	served chan error
-	logs   *syncBuffer
+	st      *etcd.Store
+	srv     *server.Server
+	addr    string
+	served  chan error
+	logs    *syncBuffer
+	metrics *sdkmetric.ManualReader
 }
 
 type cluster struct {
@@ -108,7 +110,7 @@ func (c *cluster) start(mod ...func(*etcd.Config)) *replica {
 	reg.Register("outage", c.upstream)
 	svid, err := c.ca.Issue(spiffeid.RequireFromString("spiffe://leasehold.test/leasehold/broker"), identity.SVIDOptions{})
 	require.NoError(t, err)
-	r := &replica{st: st, logs: &syncBuffer{}, served: make(chan error, 1)}
+	r := &replica{st: st, logs: &syncBuffer{}, served: make(chan error, 1), metrics: sdkmetric.NewManualReader()}
 	scfg := server.Config{TrustDomain: td, Admins: admins, ReaperInterval: 50 * time.Millisecond, AcquireRate: -1,
 		RevocationPoll: 50 * time.Millisecond, RevocationMinBackoff: 50 * time.Millisecond, RevocationMaxBackoff: 200 * time.Millisecond}
 	if c.server != nil {
@@ -116,8 +118,9 @@ func (c *cluster) start(mod ...func(*etcd.Config)) *replica {
 	}
 	r.srv, err = server.New(scfg,
 		server.Deps{Store: st, Backends: reg, Keyring: c.keyr,
-			Credentials: identity.ServerCredentials(identity.StaticSource{SVID: svid, Bundle: c.ca.Bundle()}, td),
-			Logger:      slog.New(slog.NewJSONHandler(r.logs, nil))})
+			Credentials:   identity.ServerCredentials(identity.StaticSource{SVID: svid, Bundle: c.ca.Bundle()}, td),
+			Logger:        slog.New(slog.NewJSONHandler(r.logs, nil)),
+			MeterProvider: sdkmetric.NewMeterProvider(sdkmetric.WithReader(r.metrics))})
 	require.NoError(t, err)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -256,6 +259,14 @@ func TestTwoBrokersOneEtcd(t *testing.T) {
 	}
 	// The leader tries and fails; the queue keeps both.
 	leader := leaderOf(t, a, b)
+	follower := a
+	if leader == a {
+		follower = b
+	}
+	require.EqualValues(t, 1, collectMetrics(t, leader.metrics)["leasehold.leader"])
+	lead, ok := collectMetrics(t, follower.metrics)["leasehold.leader"]
+	require.True(t, ok, "the follower reports the gauge too")
+	require.Zero(t, lead)
 	require.Eventually(t, func() bool { return strings.Contains(leader.logs.String(), "upstream is down") }, 5*time.Second, 20*time.Millisecond)
 	require.Equal(t, 2, pending(a))
 
@@ -268,6 +279,7 @@ func TestTwoBrokersOneEtcd(t *testing.T) {
 	leader.crash()
 	c.upstream.down.Store(false)
 	require.Same(t, survivor, leaderOf(t, a, b))
+	require.EqualValues(t, 1, collectMetrics(t, survivor.metrics)["leasehold.leader"])
 	require.Eventually(t, func() bool { return pending(survivor) == 0 }, 15*time.Second, 50*time.Millisecond,
 		"the new leader finishes the queued revocations")
 	for _, l := range []*leaseholdv1.AcquireLeaseResponse{l1, l2} {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	leaseholdv1 "github.com/leasehold/leasehold/proto/leasehold/v1"
@@ -16,8 +17,13 @@ import (
 // gauges) or count (histograms).
 func (e *env) collect() map[string]int64 {
 	e.t.Helper()
+	return collectMetrics(e.t, e.metrics)
+}
+
+func collectMetrics(t testing.TB, reader *sdkmetric.ManualReader) map[string]int64 {
+	t.Helper()
 	var rm metricdata.ResourceMetrics
-	require.NoError(e.t, e.metrics.Collect(ctx, &rm))
+	require.NoError(t, reader.Collect(ctx, &rm))
 	out := map[string]int64{}
 	for _, sm := range rm.ScopeMetrics {
 		for _, m := range sm.Metrics {
